@@ -1,0 +1,99 @@
+"""Fréchet distance between Gaussian fits of two feature sets, and their statistics files.
+
+The statistics files follow the ADM evaluation suite (openai/guided-diffusion
+`evaluations/`): an `.npz` with `mu` [D] and `sigma` [D, D]. Files that carry
+more keys (the suite's reference batches also hold `mu_s`, `sigma_s`, `arr_0`)
+are accepted; only `mu` and `sigma` are read.
+"""
+import numpy as np
+
+_STATS_KEYS = ("mu", "sigma")
+
+
+def feature_stats(features):
+    """[N, D] features -> (mean [D], covariance [D, D]) in float64.
+
+    float64 because FID subtracts two large traces; float32 covariances lose
+    the small differences FID is made of.
+    """
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {features.shape}")
+    if features.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {features.shape[0]}")
+    if not np.all(np.isfinite(features)):
+        raise ValueError("features contain NaN or inf")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _check_pair(mu, sigma, which):
+    mu = np.atleast_1d(np.asarray(mu, np.float64))
+    sigma = np.atleast_2d(np.asarray(sigma, np.float64))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{which}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise ValueError(f"{which}: statistics contain NaN or inf")
+    return mu, sigma
+
+
+def _psd_sqrt(matrix):
+    """Square root of a symmetric PSD matrix; eigenvalues below 0 (round-off) are clipped."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """tr(sqrt(sigma1 @ sigma2)) through the symmetric form s1^(1/2) s2 s1^(1/2).
+
+    sigma1 @ sigma2 is not symmetric, so its general matrix square root (what
+    scipy.linalg.sqrtm computes) can go complex or fail on singular inputs;
+    the similar matrix s1^(1/2) s2 s1^(1/2) is symmetric PSD with the same
+    eigenvalues, so the trace is the sum of square roots of its eigenvalues.
+    """
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    values = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sum(np.sqrt(np.clip(values, 0, None))))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as in FID.
+
+    Singular covariances (fewer samples than feature dimensions) are handled
+    by the symmetric eigen formulation; if round-off still makes the result
+    non-finite, `eps` is added to both diagonals, as the standard
+    implementations do.
+    """
+    mu1, sigma1 = _check_pair(mu1, sigma1, "first statistics")
+    mu2, sigma2 = _check_pair(mu2, sigma2, "second statistics")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"feature sizes differ: {mu1.shape[0]} vs {mu2.shape[0]}")
+    diff = mu1 - mu2
+    trace_root = _trace_sqrt_product(sigma1, sigma2)
+    if not np.isfinite(trace_root):
+        offset = eps * np.eye(sigma1.shape[0])
+        trace_root = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+    if not np.isfinite(distance):
+        raise ValueError("Fréchet distance is not finite even with the eps offset")
+    return distance
+
+
+def frechet_distance_from_features(features1, features2):
+    """Fréchet distance between the Gaussian fits of two [N, D] feature sets."""
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+def save_stats(path, mu, sigma, **extra):
+    """Writes ADM-layout statistics (`mu`, `sigma`, plus any extra named arrays)."""
+    mu, sigma = _check_pair(mu, sigma, str(path))
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+
+
+def load_stats(path):
+    """Reads (mu, sigma) from an ADM-layout `.npz`; other keys in the file are ignored."""
+    with np.load(path) as data:
+        missing = [key for key in _STATS_KEYS if key not in data.files]
+        if missing:
+            raise ValueError(f"{path}: statistics file lacks {missing} (has {sorted(data.files)})")
+        return _check_pair(data["mu"], data["sigma"], str(path))
