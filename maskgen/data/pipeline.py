@@ -93,7 +93,7 @@ def make_loader(dataset, *, split="train", data_dir=None, batch_size,
                 crop_padding=4, random_flip=None, shuffle=True,
                 num_epochs=None, drop_remainder=True, shard_index=None,
                 shard_count=None, worker_count=0, worker_buffer_size=1,
-                read_threads=16, prefetch=500, max_examples=None,
+                read_threads=None, prefetch=500, max_examples=None,
                 idx_dir=idx.FASHION_MNIST_DIR, allow_download=False):
     """Builds the grain DataLoader for one split of a dataset.
 
@@ -120,6 +120,8 @@ def make_loader(dataset, *, split="train", data_dir=None, batch_size,
         `__main__` guard in the entry script).
       worker_buffer_size, read_threads, prefetch: grain buffering knobs
         (batches per worker, record-reading threads, records read ahead).
+        read_threads=None uses one per usable CPU core, at most 16: more
+        threads than cores measured slower (GIL contention).
       max_examples, idx_dir, allow_download: passed to `prepare_dataset`.
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -136,6 +138,10 @@ def make_loader(dataset, *, split="train", data_dir=None, batch_size,
     size = None if image_size is None else images.image_hw(image_size)
     if channels is not None:
         images.check_channels(channels)
+    if read_threads is None:
+        read_threads = min(16, len(os.sched_getaffinity(0))
+                           if hasattr(os, "sched_getaffinity")
+                           else os.cpu_count() or 1)
     shard = _shard_options(shard_index, shard_count)
     _, source = _open_source(dataset, split, data_dir, size, channels,
                              max_examples, idx_dir, allow_download)
