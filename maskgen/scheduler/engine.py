@@ -1,0 +1,145 @@
+"""The maskgen decoding engine: static per-step counts, per-example keys, grouped reveals.
+
+Decoding runs over *groups* of consecutive steps. A group starts with one full
+model evaluation, samples a candidate token at every position and ranks the
+unknown positions by confidence (log-prob of the candidate plus annealed Gumbel
+noise, or a fixed priority such as the Halton order). The top `n_g` positions,
+n_g = tokens the group's steps reveal, are the group; its first step reveals the
+first share from the full logits, every further step (a ReCAP "cheap" step)
+recomputes only the class row and the group rows against the frozen cache and
+reveals the next share. Plain decoding is the special case of one-step groups,
+so it shares this code path bit for bit with ReCAP at K = 0.
+
+Everything about the schedule is numpy at trace time. Groups with the same
+number of steps run under one `lax.scan`; the group size is padded to a static
+bound `rows` (top_k of that size), padded ranks are no-ops.
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from maskgen.scheduler import keys as keys_lib
+from maskgen.scheduler import token_sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """Groups that share a shape: start steps, steps per group, padded group size."""
+    starts: Tuple[int, ...]
+    steps_per_group: int
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTables:
+    """Trace-time tables indexed by absolute step t (and by the initial unknown count N)."""
+    counts: np.ndarray  # int32 [L + 1, T]: tokens revealed at step t for N unknown
+    choice_temperatures: np.ndarray  # float32 [T]: Gumbel scale on the confidence
+    temperatures: Optional[np.ndarray]  # float32 [T] sampling temperature, None = 1
+    guidance: Optional[np.ndarray]  # float32 [T] guidance weight, None = unguided
+    priority: Optional[np.ndarray]  # float32 [L] fixed order (higher first), None = confidence
+
+
+def group_steps(num_steps: int, start_step: int, full_only_steps: int, cheap_steps: int):
+    """Executed steps cut into groups: steps < P alone, then runs of 1 + K steps (last may be short)."""
+    steps = list(range(start_step, num_steps))
+    groups = [(t,) for t in steps if t < full_only_steps]
+    rest = [t for t in steps if t >= full_only_steps]
+    size = cheap_steps + 1
+    groups += [tuple(rest[i:i + size]) for i in range(0, len(rest), size)]
+    return groups
+
+
+def make_phases(groups, counts: np.ndarray):
+    """Consecutive groups of equal length become one phase; rows = worst-case group size over N."""
+    phases = []
+    for group in groups:
+        rows = int(max(1, counts[:, list(group)].sum(axis=1).max()))
+        if phases and phases[-1].steps_per_group == len(group):
+            last = phases[-1]
+            phases[-1] = Phase(last.starts + (group[0],), last.steps_per_group,
+                               max(last.rows, rows))
+        else:
+            phases.append(Phase((group[0],), len(group), rows))
+    return phases
+
+
+def _step_value(table, step):
+    return None if table is None else jnp.asarray(table)[step]
+
+
+def _candidates(logits, sample_keys, temperature, top_k, top_p):
+    """Sampled ids and the sampling logits they were drawn from."""
+    logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
+    return token_sampling.sample_per_example(sample_keys, logits), logits
+
+
+def _scatter(seq, positions, values):
+    return seq.at[jnp.arange(seq.shape[0])[:, None], positions].set(values)
+
+
+def _group(seq, start, *, calls, example_keys, counts, tables, mask_id, phase,
+           top_k, top_p, keep_steps):
+    """One group: full evaluation, ranking, then the group's steps. Returns (seq, per-step seqs)."""
+    batch, length = seq.shape
+    rows = phase.rows
+    logits, cache = calls.full(seq, _step_value(tables.guidance, start))
+    sample_keys, choice_keys = keys_lib.step_keys(example_keys, start)
+    candidates, sampling_logits = _candidates(
+        logits, sample_keys, _step_value(tables.temperatures, start), top_k, top_p)
+    if tables.priority is None:
+        confidence = token_sampling.log_prob_of(sampling_logits, candidates)
+        confidence += (jnp.asarray(tables.choice_temperatures)[start]
+                       * token_sampling.gumbel_per_example(choice_keys, length))
+    else:
+        confidence = jnp.broadcast_to(jnp.asarray(tables.priority), (batch, length))
+    confidence = jnp.where(seq == mask_id, confidence, -jnp.inf)
+    _, positions = lax.top_k(confidence, rows)  # [B, rows], most confident first
+
+    ends = jnp.cumsum(lax.dynamic_slice_in_dim(counts, start, phase.steps_per_group, axis=1),
+                      axis=1)  # [B, steps]: rank where each step's share ends
+    rank = jnp.arange(rows)[None, :]
+    values = jnp.take_along_axis(seq, positions, axis=1)
+    first = rank < ends[:, :1]
+    values = jnp.where(first, jnp.take_along_axis(candidates, positions, axis=1), values)
+    per_step = [_scatter(seq, positions, values)] if keep_steps else []
+
+    member = rank < ends[:, -1:]
+    row_positions = jnp.concatenate(  # class row + group rows; padding repeats the class row
+        [jnp.zeros((batch, 1), positions.dtype), jnp.where(member, positions, 0)], axis=1)
+    for j in range(1, phase.steps_per_group):
+        step = start + j
+        current = _scatter(seq, positions, values)
+        cheap_logits = calls.cheap(current, row_positions, cache,
+                                   _step_value(tables.guidance, step))[:, 1:]
+        sample_keys, _ = keys_lib.step_keys(example_keys, step)
+        cheap_candidates, _ = _candidates(
+            cheap_logits, sample_keys, _step_value(tables.temperatures, step), top_k, top_p)
+        reveal = (rank >= ends[:, j - 1:j]) & (rank < ends[:, j:j + 1])
+        values = jnp.where(reveal, cheap_candidates, values)
+        if keep_steps:
+            per_step.append(_scatter(seq, positions, values))
+    seq = _scatter(seq, positions, values)
+    return seq, (jnp.stack(per_step) if keep_steps else None)
+
+
+def run(calls, seq, example_keys, tables: StepTables, phases, *, mask_id: int,
+        top_k=None, top_p=None, keep_steps=False):
+    """Decodes seq [B, L] (mask_id = unknown). Returns (tokens [B, L], per-step seqs [S, B, L] or None)."""
+    length = seq.shape[1]
+    unknown = jnp.sum(seq == mask_id, axis=1)
+    counts = jnp.asarray(tables.counts)[jnp.minimum(unknown, length)]  # [B, T]
+    outputs = []
+    for phase in phases:
+        def body(carry, start, phase=phase):
+            return _group(carry, start, calls=calls, example_keys=example_keys, counts=counts,
+                          tables=tables, mask_id=mask_id, phase=phase, top_k=top_k, top_p=top_p,
+                          keep_steps=keep_steps)
+        seq, per_step = lax.scan(body, seq, jnp.asarray(phase.starts, jnp.int32))
+        if keep_steps:
+            outputs.append(per_step.reshape((-1,) + per_step.shape[2:]))
+    return seq, (jnp.concatenate(outputs) if keep_steps else None)
