@@ -1,0 +1,56 @@
+"""Reading config files and the resolved `config.json` a training run writes.
+
+A run's `WORKDIR/config.json` is the exact config it trained with (overrides
+applied), so `maskgen.bundle.load` rebuilds the same models without the
+original config file or command line.
+"""
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+
+def load_config_file(path: str, arg=None) -> ml_collections.ConfigDict:
+    """Runs `get_config()` (or `get_config(arg)`) of a Python config file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("_maskgen_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The config as sorted, indented JSON (tuples become lists)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `to_json`; the result is locked so typos in key names fail."""
+    data = json.loads(text)
+    if isinstance(data.get("stages"), list):
+        data["stages"] = tuple(data["stages"])
+    cfg = ml_collections.ConfigDict(data)
+    cfg.lock()
+    return cfg
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes `workdir/config.json` atomically; returns its path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(os.fspath(workdir), "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir} has no config.json: not a maskgen training directory")
+    with open(path) as f:
+        return from_json(f.read())
