@@ -6,6 +6,8 @@ recomputed in-loop from the float32 schedule, re-masking of the least confident
 sampled tokens with `conf < sort(conf)[mask_len]`. The per-step arithmetic is
 kept in the official form on purpose (e.g. the ratio computed from the traced
 step): XLA simplifies it the same way for both, which float32 floors rely on.
+The random draws are the official ones (token_sampling draws them flat, with
+identical bits).
 """
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ def run(calls, seq, key, *, num_steps, start_step, schedule, choice_temperature,
             temperature = None if temperatures is None else jnp.asarray(temperatures)[step]
             logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
         rng, sample_rng = jax.random.split(rng, 2)
-        sampled = jax.random.categorical(sample_rng, logits)
+        sampled = token_sampling.categorical(sample_rng, logits)
         unknown = current == mask_id
         chosen = jnp.where(unknown, sampled, current)
         ratio = 1. * (step + 1) / num_steps
@@ -44,7 +46,7 @@ def run(calls, seq, key, *, num_steps, start_step, schedule, choice_temperature,
                                               mask_len))
         rng, choice_rng = jax.random.split(rng)
         noise_scale = choice_temperature * (1. - ratio)
-        confidence = jnp.log(selected) + noise_scale * jax.random.gumbel(choice_rng, selected.shape)
+        confidence = jnp.log(selected) + noise_scale * token_sampling.gumbel(choice_rng, selected.shape)
         cut_off = jnp.take_along_axis(jnp.sort(confidence, axis=-1),
                                       mask_len.astype(jnp.int32), axis=-1)
         remask = confidence < cut_off
