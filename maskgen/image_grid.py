@@ -1,0 +1,52 @@
+"""Image grids and atomic PNG/NPZ writing (a killed run never leaves a half-written file)."""
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 images [N, H, W, C] -> one uint8 image with `rows` rows, filled row by row."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    if rows < 1 or n == 0:
+        raise ValueError(f"need rows >= 1 and at least one image (rows={rows}, images={n})")
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def _atomic(path, write):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_png(image, path, scale: int = 1) -> None:
+    """Writes a uint8 [H, W, C] (C = 1 or 3) image, optionally enlarged by pixel repetition."""
+    image = np.asarray(image)
+    if scale > 1:
+        image = image.repeat(scale, 0).repeat(scale, 1)
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    _atomic(path, lambda tmp: pil.save(tmp, format="PNG"))
+
+
+def save_npz(path, **arrays) -> None:
+    _atomic(path, lambda tmp: np.savez(tmp, **arrays))

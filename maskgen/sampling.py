@@ -1,0 +1,111 @@
+"""Class-conditional generation from a trained (or converted) model bundle.
+
+`Sampler` compiles one program per (decoding options, batch size): tokens are
+decoded by the scheduler and turned into uint8 pixels by the tokenizer inside
+the same jit. Examples get keys fold_in(key(seed), global index), so a sample
+does not change with the batch size used to produce it.
+"""
+import dataclasses
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from maskgen import scheduler
+from maskgen.scheduler import DecodeConfig, RecapConfig
+
+
+def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
+    """DecodeConfig from a config's `sampling` block (+ keyword overrides)."""
+    s = dict(sampling)
+    guidance = s.get("guidance_scale")
+    options = dict(
+        steps=int(s["steps"]), schedule=s["schedule"], choice_temperature=float(s["choice_temperature"]),
+        temperature=float(s["temperature"]), temperature_end=s.get("temperature_end"),
+        top_k=s.get("top_k") or None, top_p=None if s.get("top_p", 1.0) >= 1.0 else float(s["top_p"]),
+        guidance_scale=None if guidance is None or float(guidance) == 1.0 else float(guidance),
+        guidance_schedule=s.get("guidance_schedule", "constant"), order=s.get("order", "confidence"),
+        grid_shape=tuple(token_grid))
+    options.update(overrides)
+    return DecodeConfig(**options)
+
+
+def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
+    """RecapConfig from a config's `sampling` block; None when K (cheap per full) is 0."""
+    s = dict(sampling)
+    s.update(overrides)
+    cheap = int(s.get("recap_cheap_per_full", 0))
+    if cheap == 0:
+        return None
+    return RecapConfig(full_only_steps=int(s.get("recap_full_only_steps", 0)), cheap_steps=cheap)
+
+
+def to_uint8(images):
+    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+@dataclasses.dataclass
+class Sampler:
+    """Decodes token sequences with a bundle's transformer and renders them with its tokenizer."""
+    bundle: object
+    decode_config: DecodeConfig
+    recap: Optional[RecapConfig] = None
+
+    def __post_init__(self):
+        self._jitted = jax.jit(self._run)
+
+    def _logit_fns(self, params):
+        model, n = self.bundle.transformer, self.bundle.layout.codebook_size
+        variables = {"params": params["transformer"]}
+        full = lambda ids: model.apply(variables, ids, num_logits=n, method="forward_with_kv")  # noqa: E731
+        cheap = lambda ids, pos, kv: model.apply(  # noqa: E731
+            variables, ids, pos, kv, num_logits=n, method="forward_subset")
+        plain = lambda ids: model.apply(variables, ids, num_logits=n)  # noqa: E731
+        return plain, full, cheap
+
+    def _run(self, params, ids, keys):
+        plain, full, cheap = self._logit_fns(params)
+        layout = self.bundle.layout
+        if self.recap is None:
+            result = scheduler.decode(plain, ids, keys, self.decode_config, layout)
+        else:
+            result = scheduler.decode_recap(full, cheap, ids, keys, self.decode_config, layout, self.recap)
+        h, w = self.bundle.token_grid
+        tokens = result.tokens[:, 1:].reshape(ids.shape[0], h, w)
+        images = self.bundle.tokenizer.apply(
+            {"params": params["tokenizer"]}, tokens, method="decode_from_indices")
+        return tokens, to_uint8(images)
+
+    def decode_ids(self, ids, keys):
+        """ids [B, L] (class token at 0, unknown = mask id) -> (tokens [B,h,w], uint8 images)."""
+        return self._jitted(self.bundle.params, jnp.asarray(ids, jnp.int32), keys)
+
+    def generate(self, labels, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+        """Samples one image per label. Returns images uint8 [N,H,W,C], labels [N], tokens [N,h,w].
+
+        Every batch is padded to `batch_size` so one program serves all batches.
+        """
+        layout = self.bundle.layout
+        labels = layout.check_labels(np.asarray(labels, np.int64).reshape(-1))
+        n = len(labels)
+        length = 1 + int(np.prod(self.bundle.token_grid))
+        tokens, images = [], []
+        batch_size = max(1, min(batch_size, n))
+        start = time.perf_counter()
+        for lo in tqdm(range(0, n, batch_size), desc="sampling", disable=not progress, unit="batch"):
+            idx = np.arange(lo, lo + batch_size)
+            real = idx < n
+            idx = np.where(real, idx, n - 1)
+            ids = np.full((batch_size, length), layout.mask_id, np.int32)
+            ids[:, 0] = labels[idx] + layout.codebook_size
+            keys = scheduler.example_keys(seed, idx)
+            t, im = self.decode_ids(ids, keys)
+            tokens.append(np.asarray(t)[real])
+            images.append(np.asarray(im)[real])
+        seconds = time.perf_counter() - start
+        return {"images": np.concatenate(images), "labels": labels.astype(np.int32),
+                "tokens": np.concatenate(tokens).astype(np.int32), "seconds": seconds,
+                "images_per_s": n / seconds}
