@@ -60,11 +60,12 @@ def sharded_abstract(abstract, shardings):
                         abstract, shardings)
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh, rules=shd.RULES):
-    """Runs `init_fn(key)` under jit so every array is created in its shards.
+def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings):
+    """Runs `init_fn(key)` under jit so every array is created directly in its shards."""
+    return jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
 
-    Returns (state, shardings, abstract).
-    """
+
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh, rules=shd.RULES):
+    """(state, shardings, abstract): `abstract_and_shardings` then `materialize`."""
     abstract, shardings = abstract_and_shardings(init_fn, mesh, rules)
-    state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
-    return state, shardings, abstract
+    return materialize(init_fn, key, shardings), shardings, abstract

@@ -1,0 +1,226 @@
+"""Orbax checkpoints of one training stage, with safe resume.
+
+A stage directory (e.g. `WORKDIR/transformer/`) is an orbax CheckpointManager
+directory; step `S` is saved atomically as `WORKDIR/<stage>/<S>/` with two items:
+
+    state/   (orbax StandardSave pytree)
+        step          int32 []          optimizer steps taken
+        params        the model's `params` collection (flax names)
+        ema_params    EMA of params, same tree (used for sampling)
+        opt_state     optax state (clip + AdamW: count, mu, nu trees)
+        disc_params, disc_opt_state, lecam_ema      tokenizer stage only
+    data/    (orbax JsonSave) the input position, e.g.
+        {"kind": "grain", "state": <grain iterator state>} or
+        {"kind": "sampler", "position": <examples consumed per process>}
+
+Plain orbax reads it without maskgen:
+`ocp.CheckpointManager(dir).restore(step)["state"]["ema_params"]`.
+
+Resume order: the newest step whose files read back; a step that fails to read
+(truncated or corrupt files) is logged, moved aside to `corrupt.<step>` and
+the previous step is tried. A checkpoint whose parameter tree or shapes differ
+from the model being trained is an error naming the first mismatched path.
+Steps are kept by recency (`keep` newest) plus the best by a metric.
+"""
+import logging
+import os
+import shutil
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for a different model/config than the one restoring it."""
+
+
+def _path_str(path) -> str:
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _flat_shapes(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_str(p): (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", "")))
+            for p, x in flat}
+
+
+def _short(err, limit: int = 400) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_compatible(saved_tree, target_tree, where: str = "checkpoint") -> None:
+    """Raises CheckpointMismatchError naming the first path whose presence or shape differs."""
+    saved, target = _flat_shapes(saved_tree), _flat_shapes(target_tree)
+    for path in sorted(target, key=lambda p: (not p.startswith("params/"), p)):
+        if path not in saved:
+            raise CheckpointMismatchError(
+                f"{where} does not match this config: parameter {path!r} with shape "
+                f"{target[path][0]} is missing from the checkpoint (written by another config?)")
+        if saved[path][0] != target[path][0]:
+            raise CheckpointMismatchError(
+                f"{where} does not match this config: {path!r} has shape {saved[path][0]} in the "
+                f"checkpoint but {target[path][0]} in the model being restored")
+    extra = sorted(set(saved) - set(target))
+    if extra:
+        raise CheckpointMismatchError(
+            f"{where} does not match this config: the checkpoint has {extra[0]!r} with shape "
+            f"{saved[extra[0]][0]}, which this model lacks ({len(extra)} such entries)")
+
+
+class StageCheckpoints:
+    """The CheckpointManager of one stage directory."""
+
+    def __init__(self, directory: str, keep: int = 3, best_metric: Optional[str] = "loss",
+                 async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.best_metric = best_metric
+        policies = [ocm.LatestN(n=max(int(keep), 1))]
+        if best_metric:
+            policies.append(ocm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1,
+                                      keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            create=not read_only, read_only=read_only)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()))
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state_tree: Dict[str, Any], data_state: Dict[str, Any],
+             metrics: Optional[Dict[str, float]] = None) -> bool:
+        """Starts an (async) save of `state_tree` and the input position at `step`."""
+        if step in self.manager.all_steps():
+            return False
+        metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+        if self.best_metric and (metrics is None or self.best_metric not in metrics):
+            metrics = None
+        return self.manager.save(
+            int(step), metrics=metrics, force=True,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+                                    data=ocp.args.JsonSave(data_state)))
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+    def saved_tree(self, step: int):
+        """The saved state's metadata tree (shapes and dtypes), read without the arrays."""
+        meta = self.manager.item_metadata(step)["state"]
+        if meta is None:
+            raise ValueError(f"step {step} in {self.directory} has no readable state metadata")
+        return getattr(meta, "tree", meta)
+
+    def _quarantine(self, step: int):
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory, f"corrupt.{step}.{int(time.time())}")
+        if jax.process_index() == 0 and os.path.isdir(src):
+            shutil.move(src, dst)
+            log.error("moved unreadable checkpoint %s aside to %s", src, dst)
+        self.manager.reload()
+
+    def restore(self, target_tree, step: Optional[int] = None):
+        """(state tree, data state, step) of the newest readable step, or None when there is none.
+
+        `target_tree` holds `jax.ShapeDtypeStruct`s with shardings (any mesh):
+        arrays come back already sharded that way. Unreadable steps are logged,
+        moved aside and skipped; a tree/shape mismatch raises CheckpointMismatchError.
+        """
+        candidates = [step] if step is not None else self.steps()[::-1]
+        failures = []
+        for s in candidates:
+            where = f"checkpoint {self.directory} step {s}"
+            try:
+                saved = self.saved_tree(s)
+            except Exception as err:  # noqa: BLE001 - any read failure means "unusable step"
+                failures.append((s, err))
+                log.error("%s is unreadable (%s: %s); falling back to the previous step",
+                          where, type(err).__name__, _short(err))
+                self._quarantine(s)
+                continue
+            check_compatible(saved, target_tree, where)
+            try:
+                restored = self.manager.restore(
+                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target_tree),
+                                               data=ocp.args.JsonRestore()))
+                state = restored["state"]
+                jax.block_until_ready(state)
+            except Exception as err:  # noqa: BLE001
+                failures.append((s, err))
+                log.error("%s is corrupt or truncated (%s: %s); falling back to the previous step",
+                          where, type(err).__name__, _short(err))
+                self._quarantine(s)
+                continue
+            if failures:
+                log.warning("resumed from step %d after skipping unreadable steps %s",
+                            s, [f for f, _ in failures])
+            return state, restored["data"], s
+        if failures:
+            first = failures[0]
+            raise ValueError(f"no readable checkpoint in {self.directory}: step {first[0]} failed with "
+                             f"{type(first[1]).__name__}: {_short(first[1])}")
+        return None
+
+
+def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Optional[int] = None):
+    """(subtree, step): only the entries of `target_subtree` (e.g. {"ema_params": ...}).
+
+    For consumers of a finished stage (the transformer stage reading the
+    tokenizer, `maskgen.bundle`): no optimizer state is built or read. Unreadable
+    steps fall back to older ones as in `StageCheckpoints.restore`, without
+    moving anything (the directory may belong to a running job).
+    """
+    if not os.path.isdir(os.fspath(stage_dir)):
+        raise ValueError(f"no checkpoint directory {os.fspath(stage_dir)}")
+    ckpt = StageCheckpoints(stage_dir, best_metric=None, read_only=True)
+    steps = [step] if step is not None else ckpt.steps()[::-1]
+    if not steps:
+        raise ValueError(f"no checkpoint found in {ckpt.directory}")
+    errors = []
+    for s in steps:
+        where = f"checkpoint {ckpt.directory} step {s}"
+        try:
+            saved = ckpt.saved_tree(s)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"step {s}: {type(err).__name__}: {_short(err)}")
+            log.error("%s is unreadable (%s); trying the previous step", where, errors[-1])
+            continue
+        missing = [k for k in target_subtree if k not in saved]
+        if missing:
+            raise CheckpointMismatchError(f"{where} has no {missing[0]!r} entry")
+        check_compatible({k: saved[k] for k in target_subtree}, target_subtree, where)
+        try:
+            tree = ocp.PyTreeCheckpointer().restore(
+                os.path.join(ckpt.directory, str(s), "state"),
+                args=ocp.args.PyTreeRestore(
+                    item=target_subtree, partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target_subtree)))
+            jax.block_until_ready(tree)
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"step {s}: {type(err).__name__}: {_short(err)}")
+            log.error("%s is corrupt or truncated (%s); trying the previous step", where, errors[-1])
+            continue
+        return tree, s
+    raise ValueError(f"no readable checkpoint in {ckpt.directory}: " + "; ".join(errors))
