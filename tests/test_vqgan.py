@@ -310,3 +310,9 @@ def test_build_tokenizer_from_config():
         build_tokenizer({**cfg.to_dict(), "conv_impl": "fft"})
     with pytest.raises(ValueError, match="dtype"):
         build_tokenizer({**cfg.to_dict(), "dtype": "float33"})
+
+
+def test_upsample_nearest_equals_image_resize():
+    x = jax.random.normal(jax.random.key(3), (2, 3, 5, 4))
+    expected = jax.image.resize(x, (2, 6, 10, 4), "nearest")
+    np.testing.assert_array_equal(conv_lib.upsample_nearest(x), expected)
