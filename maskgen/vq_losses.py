@@ -39,7 +39,8 @@ def reconstruction_loss(target, prediction, kind: str = "l1"):
         return l1_loss(target, prediction)
     if kind == "l2":
         return l2_loss(target, prediction)
-    raise ValueError(f"reconstruction loss kind must be one of {RECONSTRUCTION_KINDS}, got {kind!r}")
+    raise ValueError(
+        f"reconstruction loss kind must be one of {RECONSTRUCTION_KINDS}, got {kind!r}")
 
 
 def _check_gan_kind(kind):

@@ -41,7 +41,8 @@ def test_imagenet_256_tree_matches_official_layout():
         expected.update({
             f"ResBlock_{i}/Conv_0/kernel": (3, 3, c_in, c_in), f"ResBlock_{i}/Conv_0/bias": (c_in,),
             f"ResBlock_{i}/Conv_1/kernel": (1, 1, c_in, c_out),
-            f"ResBlock_{i}/Conv_2/kernel": (3, 3, c_in, c_out), f"ResBlock_{i}/Conv_2/bias": (c_out,)})
+            f"ResBlock_{i}/Conv_2/kernel": (3, 3, c_in, c_out),
+            f"ResBlock_{i}/Conv_2/bias": (c_out,)})
     assert _shapes(nn.meta.unbox(boxed)["params"]) == expected
     known = {v for k, v in vars(axes).items() if k.isupper()}
     leaves = jax.tree_util.tree_leaves(
@@ -119,7 +120,10 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="floating"):
         init(jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.uint8))
     with pytest.raises(ValueError, match=">= 8"):
-        Discriminator(image_size=4, image_channels=1).init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+        tiny = Discriminator(image_size=4, image_channels=1)
+        jax.eval_shape(tiny.init, jax.random.key(0),
+                       jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32))
     with pytest.raises(ValueError, match="conv_impl"):
-        init_bad = Discriminator(conv_impl="winograd", **SMALL)
-        jax.eval_shape(init_bad.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+        bad = Discriminator(conv_impl="winograd", **SMALL)
+        jax.eval_shape(bad.init, jax.random.key(0),
+                       jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))

@@ -97,9 +97,10 @@ class Discriminator(nn.Module):
         self._check(images_BxHxWxC)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init)
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=nn.with_logical_partitioning(_init, (axes.CONV_IN, axes.CONV_OUT)),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.CONV_OUT,)))
+        dense = dict(
+            dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.with_logical_partitioning(_init, (axes.CONV_IN, axes.CONV_OUT)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.CONV_OUT,)))
         sizes = self.resolutions()
         x = _leaky_relu(Conv(self.width(sizes[0]), (3, 3), **conv)(images_BxHxWxC))
         for index, size in enumerate(sizes[1:]):

@@ -18,7 +18,7 @@ always returns the straight-through quantised features with the VQ losses.
 Shape legend: B batch, H/W image size, h/w latent size (H / 2^(levels-1)),
 D embedding dim, K codebook size, C channels.
 """
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,8 @@ import numpy as np
 
 from maskgen import axes
 from maskgen import vq_losses
-from maskgen.models.conv import Conv, avg_pool_down, check_conv_impl, group_norm, upsample_nearest
+from maskgen.models.conv import (Conv, avg_pool_down, check_conv_impl, group_norm,
+                                 upsample_nearest)
 
 Dtype = Any
 
@@ -184,7 +185,8 @@ def check_images(images, channels: int, downsample_factor: int = 1,
         raise ValueError(f"images must be [batch, height, width, channels], got shape {shape}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(
-            f"images must be floating point in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
+            f"images must be floating point in [0, 1], got dtype {images.dtype} "
+            "(divide uint8 by 255)")
     if shape[-1] != channels:
         raise ValueError(f"images have {shape[-1]} channels, the tokenizer expects {channels}")
     height, width = shape[1:3]
