@@ -66,7 +66,7 @@ def _run(model, ids, key, config, **kwargs):
 
 
 class OneHotModel:
-    """logits = 30 * one_hot(target): Gumbel noise (|g| < 17 in float32) can never flip it.
+    """logits 0 at the target id and -1e9 elsewhere: probability exactly one, for both samplers.
 
     With `uncond_target`, rows whose class token is the null class predict that instead.
     """
@@ -81,7 +81,7 @@ class OneHotModel:
         if self.uncond_target is not None:
             is_null = (ids[:, :1] == self.null_token)
             target = jnp.where(is_null, self.uncond_target, target)
-        return 30.0 * jax.nn.one_hot(target, LAYOUT.codebook_size)
+        return jnp.where(jax.nn.one_hot(target, LAYOUT.codebook_size) > 0, 0.0, -1e9)
 
 
 EDIT_CONFIG = DecodeConfig(steps=6, start_step=1, return_intermediates=True)
@@ -211,6 +211,23 @@ def test_flat_draws_equal_jax_random():
         np.testing.assert_array_equal(ours[1], theirs[1])
 
 
+@jax.jit
+def _inverse_cdf_draws(keys, logits):
+    return token_sampling.sample_per_example(keys, logits)
+
+
+def test_inverse_cdf_sampler_frequencies_and_log_probs():
+    probs = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (2, 20000, 5))
+    ids, log_probs = _inverse_cdf_draws(example_keys(0, [0, 1]), logits)
+    ids = np.asarray(ids)
+    frequencies = np.bincount(ids.ravel(), minlength=5) / ids.size
+    sigma = np.sqrt(probs * (1 - probs) / ids.size)
+    assert np.all(np.abs(frequencies - probs) <= 5 * sigma + 1e-12), frequencies
+    np.testing.assert_allclose(np.asarray(log_probs), np.log(probs[ids]), rtol=1e-5)
+    assert not np.array_equal(ids[0], ids[1])  # examples draw from their own keys
+
+
 @pytest.mark.parametrize("config", [PLAIN_CONFIG, GUIDED_CONFIG], ids=["plain", "guided"])
 def test_tokens_do_not_depend_on_batch_composition(config):
     ids = _all_masked(4, labels=[0, 1, 2, 3])
@@ -287,6 +304,34 @@ def test_greedy_limits_sample_the_argmax(options):
         assert new.any()
         np.testing.assert_array_equal(sequences[:, t][new], argmax[new])
         previous = sequences[:, t]
+
+
+def _filter_reference(logits, top_k=None, top_p=None):
+    """Top-k then nucleus filtering written with numpy sorting, one row at a time."""
+    out = np.full_like(logits, -np.inf)
+    for index in np.ndindex(logits.shape[:-1]):
+        row = logits[index].astype(np.float64)
+        order = np.argsort(-row, kind="stable")
+        keep = order[:top_k] if top_k else order
+        if top_p is not None:
+            probs = np.exp(row[keep] - row[keep].max())
+            probs /= probs.sum()
+            before = np.cumsum(probs) - probs
+            keep = keep[before < top_p]
+        out[index + (keep,)] = logits[index + (keep,)]
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, None), (None, 0.6), (5, 0.7), (None, 1e-6)])
+def test_filter_logits_matches_reference(top_k, top_p):
+    logits = np.asarray(jax.random.normal(jax.random.key(2), (2, 5, 12)) * 2)
+    filter_logits = jax.jit(token_sampling.filter_logits, static_argnums=(2, 3))
+    got = np.asarray(filter_logits(jnp.asarray(logits), None, top_k, top_p))
+    np.testing.assert_array_equal(got, _filter_reference(logits, top_k, top_p))
+    # Temperature applies first (a sharper distribution has a smaller nucleus).
+    scaled = filter_logits(jnp.asarray(logits), jnp.float32(0.5), top_k, top_p)
+    np.testing.assert_allclose(np.asarray(scaled), _filter_reference(2 * logits, top_k, top_p),
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("options,message", [

@@ -73,9 +73,9 @@ def _step_value(table, step):
 
 
 def _candidates(logits, sample_keys, temperature, top_k, top_p):
-    """Sampled ids and the sampling logits they were drawn from."""
+    """Sampled ids and their log-probability under the (filtered, tempered) sampling distribution."""
     logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
-    return token_sampling.sample_per_example(sample_keys, logits), logits
+    return token_sampling.sample_per_example(sample_keys, logits)
 
 
 def _scatter(seq, positions, values):
@@ -89,12 +89,11 @@ def _group(seq, start, *, calls, example_keys, counts, tables, mask_id, phase,
     rows = phase.rows
     logits, cache = calls.full(seq, _step_value(tables.guidance, start))
     sample_keys, choice_keys = keys_lib.step_keys(example_keys, start)
-    candidates, sampling_logits = _candidates(
+    candidates, log_probs = _candidates(
         logits, sample_keys, _step_value(tables.temperatures, start), top_k, top_p)
     if tables.priority is None:
-        confidence = token_sampling.log_prob_of(sampling_logits, candidates)
-        confidence += (jnp.asarray(tables.choice_temperatures)[start]
-                       * token_sampling.gumbel_per_example(choice_keys, length))
+        noise = token_sampling.gumbel_per_example(choice_keys, length)
+        confidence = log_probs + jnp.asarray(tables.choice_temperatures)[start] * noise
     else:
         confidence = jnp.broadcast_to(jnp.asarray(tables.priority), (batch, length))
     confidence = jnp.where(seq == mask_id, confidence, -jnp.inf)
