@@ -26,7 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dataset = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
-        random_crop=False, random_flip=True, worker_count=0, prefetch=2))
+        random_crop=False, random_flip=True, worker_count=0, prefetch=2,
+        synthetic_examples=256))  # size of the "synthetic" / "synthetic_tokens" datasets
 
     c.tokenizer = ml_collections.ConfigDict(dict(
         codebook_size=1024, embedding_dim=256, filters=128, num_res_blocks=2,
@@ -40,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
         dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32"))
 
     c.sampling = ml_collections.ConfigDict(dict(
-        steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0, temperature_ramp=False,
+        steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0,
+        temperature_end=ml_collections.config_dict.placeholder(float),
         top_k=0, top_p=1.0, guidance_scale=1.0, guidance_schedule="constant",
         order="confidence", recap_full_only_steps=0, recap_cheap_per_full=0))
 
@@ -68,8 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
         learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.045, warmup_steps=5000,
         lr_schedule="cosine", grad_clip=1.0, ema_decay=0.9999,
         label_smoothing=0.1, mask_schedule="cosine", min_masking_rate=0.5, loss_on_all=False,
-        label_dropout=0.1, pretokenize=True))
+        label_dropout=0.1, pretokenize=True,
+        tokenizer_workdir=ml_collections.config_dict.placeholder(str)))  # None: this run
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Overrides of maskgen.sharding.RULES: logical axis name -> list of mesh axes (or lists of axes).
+    c.sharding_rules = ml_collections.ConfigDict()
     c.distributed = False  # call jax.distributed.initialize() (also when JAX_COORDINATOR_ADDRESS is set)
     return c

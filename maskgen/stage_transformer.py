@@ -1,0 +1,181 @@
+"""Transformer stage: MaskGIT training on the tokens of a frozen tokenizer.
+
+Token source, in order of preference:
+  * `dataset.name == "synthetic_tokens"`: generated token grids, no tokenizer;
+  * `transformer_train.pretokenize`: the train split encoded once into
+    `WORKDIR/token_cache/` with the tokenizer's EMA parameters;
+  * otherwise images are encoded on the fly by the frozen tokenizer each step.
+The tokenizer is read from `transformer_train.tokenizer_workdir` (default: this
+WORKDIR), latest readable step of its `tokenizer/` directory, EMA parameters only.
+"""
+import logging
+import os
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskgen import checkpoint as ckpt_lib
+from maskgen import input_pipeline
+from maskgen import logging_utils
+from maskgen import optim
+from maskgen import sharding as shd
+from maskgen import token_cache
+from maskgen import train_state
+from maskgen import train_step_transformer as tst
+from maskgen import trainer
+from maskgen.models.layout import seq_len, token_grid, token_layout
+from maskgen.models.transformer import build_transformer
+
+log = logging.getLogger(__name__)
+
+STAGE = "transformer"
+
+
+def tokenizer_model(cfg):
+    from maskgen.models import vqgan
+    block = dict(cfg.tokenizer.to_dict(), image_channels=cfg.image_channels)
+    return vqgan.build_tokenizer(block)
+
+
+def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
+    """(tokenizer module, {"ema_params": sharded ShapeDtypeStructs}) for partial restores."""
+    model = tokenizer_model(cfg)
+    shape = (1, cfg.image_size, cfg.image_size, cfg.image_channels)
+    boxed = jax.eval_shape(lambda k: model.init(k, jnp.zeros(shape, jnp.float32))["params"],
+                           jax.random.key(0))
+    abstract = nn.meta.unbox(boxed)
+    shardings = shd.tree_shardings(shd.logical_specs(boxed), abstract, mesh, rules)
+    return model, {"ema_params": train_state.sharded_abstract(abstract, shardings)}
+
+
+def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
+    """(tokenizer module, EMA params sharded on `mesh`, step) from the tokenizer stage directory."""
+    source = cfg.transformer_train.get("tokenizer_workdir") or workdir
+    stage_dir = os.path.join(source, "tokenizer")
+    if not os.path.isdir(stage_dir):
+        raise ValueError(
+            f"the transformer stage needs a trained tokenizer, but {stage_dir} does not exist: run "
+            "the tokenizer stage first, set transformer_train.tokenizer_workdir, or train on "
+            "dataset.name='synthetic_tokens'")
+    model, target = tokenizer_param_target(cfg, mesh, rules)
+    tree, step = ckpt_lib.restore_subtree(stage_dir, target)
+    log.info("tokenizer: EMA parameters of step %d from %s", step, stage_dir)
+    return model, tree["ema_params"], step
+
+
+def _encoder(tokenizer, params, mesh):
+    """Jitted images [B,H,W,C] (batch-sharded) -> token ids [B,h,w] with fixed parameters."""
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+
+    def encode(p, images):
+        return tokenizer.apply({"params": p}, images, method=tokenizer.encode_to_indices)
+    jitted = jax.jit(encode, in_shardings=(param_sh, shd.batch_sharding(mesh, 4)),
+                     out_shardings=shd.batch_sharding(mesh, 3))
+    return lambda images: jitted(params, images)
+
+
+def decode_config(cfg, layout):
+    """DecodeConfig for periodic samples from `cfg.sampling`."""
+    from maskgen.scheduler import DecodeConfig
+    s = cfg.sampling
+    guided = layout.null_class_id is not None and float(s.guidance_scale) != 1.0
+    return DecodeConfig(
+        steps=int(s.steps), schedule=s.schedule, choice_temperature=float(s.choice_temperature),
+        temperature=float(s.temperature), top_k=int(s.top_k) or None,
+        top_p=None if float(s.top_p) >= 1.0 else float(s.top_p),
+        guidance_scale=float(s.guidance_scale) if guided else None,
+        guidance_schedule=s.guidance_schedule, order=s.order, grid_shape=tuple(token_grid(cfg)))
+
+
+def make_sampler(cfg, model, layout, tokenizer, tok_params, num: int = 8):
+    """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params."""
+    from maskgen.scheduler import decode
+    config = decode_config(cfg, layout)
+    h, w = token_grid(cfg)
+    labels = np.arange(num) % layout.num_real_classes
+    ids = np.full((num, 1 + h * w), layout.mask_id, np.int32)
+    ids[:, 0] = np.asarray(layout.class_token(labels))
+
+    @jax.jit
+    def generate(params, tparams, ids, key):
+        def logits_fn(x):
+            return model.apply({"params": params}, x, num_logits=layout.codebook_size)
+        tokens = decode(logits_fn, ids, key, config, layout).tokens[:, 1:].reshape(num, h, w)
+        return tokenizer.apply({"params": tparams}, tokens, method=tokenizer.decode_from_indices)
+
+    def sample(state, step):
+        images = generate(state.ema_params, tok_params, ids, jax.random.key(cfg.seed))
+        return logging_utils.image_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
+    return sample
+
+
+def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
+    """The transformer stage's StageRun (state restored from WORKDIR/transformer when present)."""
+    rules = shd.rules_from_config(cfg.get("sharding_rules"))
+    layout, length, grid = token_layout(cfg), seq_len(cfg), token_grid(cfg)
+    model = build_transformer(cfg.transformer, layout, length)
+    batch = int(scfg.batch_size)
+    if batch % shd.batch_divisor(mesh):
+        raise ValueError(f"transformer batch_size {batch} is not divisible by the "
+                         f"{shd.batch_divisor(mesh)} devices of the mesh's data x fsdp axes")
+    tx, lr = optim.adamw(scfg, scfg.num_train_steps)
+    step_fn = tst.make_train_step(model, layout, tx, lr, scfg, scfg.ema_decay)
+    init = tst.make_init(model, tx, length)
+    abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
+
+    directory = os.path.join(workdir, STAGE)
+    checkpoints = ckpt_lib.StageCheckpoints(directory, keep=cfg.keep_checkpoints)
+    restored = checkpoints.restore(train_state.sharded_abstract(abstract, shardings).to_tree())
+    seed = int(cfg.seed)
+    if restored is None:
+        state = train_state.materialize(init, jax.random.fold_in(jax.random.key(seed), 1), shardings)
+        data_state = None
+    else:
+        tree, data_state, step = restored
+        state = train_state.TrainState.from_tree(tree)
+        log.info("%s: resumed from step %d", STAGE, step)
+
+    tokenizer = tok_params = None
+    num_tokens = grid[0] * grid[1]
+    data_seed = seed + 2
+    if cfg.dataset.name == input_pipeline.SYNTHETIC_TOKENS:
+        data_iter = input_pipeline.SyntheticTokens(
+            cfg.dataset.get("synthetic_examples", 256), batch, data_seed, layout.num_real_classes,
+            num_tokens, layout.codebook_size)
+        encode = None
+    else:
+        tokenizer, tok_params, tok_step = load_tokenizer(cfg, workdir, mesh, rules)
+        encode = _encoder(tokenizer, tok_params, mesh)
+        if scfg.pretokenize:
+            arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, batch, grid, tok_step)
+            data_iter = input_pipeline.TokenCache(arrays["tokens"], arrays["labels"], batch, data_seed,
+                                                  arrays.get("tokens_flipped"))
+            encode = None
+        else:
+            data_iter = input_pipeline.image_iterator(cfg, batch, data_seed)
+    if data_state is not None:
+        data_iter.set_state(data_state)
+
+    def next_batch():
+        local = next(data_iter)
+        if encode is None:
+            return shd.global_batch(local, mesh)
+        images = shd.global_batch({"image": local["image"]}, mesh)["image"]
+        tokens = encode(images).reshape(batch, num_tokens)
+        return {"tokens": tokens, "label": shd.global_batch({"label": local["label"]}, mesh)["label"]}
+
+    batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "label": shd.batch_sharding(mesh, 1)}
+    jitted = shd.jit_sharded(step_fn, (shardings, batch_sh, shd.replicated(mesh)),
+                             (shardings, shd.replicated(mesh)), donate_argnums=(0,))
+    sample_fn: Optional[object] = None
+    if tokenizer is not None:
+        sample_fn = make_sampler(cfg, model, layout, tokenizer, tok_params)
+    key = jax.device_put(jax.random.fold_in(jax.random.key(seed), 3), shd.replicated(mesh))
+    return trainer.StageRun(
+        name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
+        data_iter=data_iter, checkpoints=checkpoints, key=key, num_steps=int(scfg.num_train_steps),
+        checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
+        tokens_per_example=length, sample_fn=sample_fn)

@@ -1,0 +1,106 @@
+"""Pre-tokenisation: encode the training split once, train the transformer from tokens.
+
+`WORKDIR/token_cache/train-<p>-of-<n>.npz` holds process p's shard of the
+split (stored order, no augmentation):
+    tokens          int32 [N, h*w]   codebook ids, row-major token grid
+    tokens_flipped  int32 [N, h*w]   tokens of the mirrored images (when random_flip)
+    labels          int32 [N]
+    meta            JSON: dataset, image size, token grid, tokenizer step
+A file whose meta differs from the current run (e.g. a retrained tokenizer)
+is rebuilt; otherwise it is reused as is.
+"""
+import json
+import logging
+import os
+from typing import Callable, Dict, Iterator, Optional
+
+import jax
+import numpy as np
+
+from maskgen import input_pipeline
+from maskgen import sharding as shd
+
+log = logging.getLogger(__name__)
+
+
+def cache_path(workdir: str) -> str:
+    return os.path.join(workdir, "token_cache",
+                        f"train-{jax.process_index():05d}-of-{jax.process_count():05d}.npz")
+
+
+def _meta(cfg, grid, tokenizer_step) -> Dict:
+    return dict(dataset=str(cfg.dataset.name), split=str(cfg.dataset.train_split),
+                image_size=int(cfg.image_size), channels=int(cfg.image_channels),
+                grid=list(grid), tokenizer_step=int(tokenizer_step),
+                flipped=bool(cfg.dataset.random_flip), seed=int(cfg.seed),
+                synthetic_examples=int(cfg.dataset.get("synthetic_examples", 0)))
+
+
+def _local_image_batches(cfg, batch: int) -> Iterator[Dict[str, np.ndarray]]:
+    """This process's shard of the train split, in stored order, unaugmented."""
+    ds = cfg.dataset
+    if ds.name == input_pipeline.SYNTHETIC:
+        n = int(ds.get("synthetic_examples", 256))
+        per = n // jax.process_count()
+        start = jax.process_index() * per
+        for lo in range(start, start + per, batch):
+            pairs = [input_pipeline.synthetic_image(cfg.seed, i, cfg.num_classes, cfg.image_size,
+                                                    cfg.image_channels)
+                     for i in range(lo, min(lo + batch, start + per))]
+            yield {"image": np.stack([p[0] for p in pairs]), "label": np.array([p[1] for p in pairs], np.int32)}
+        return
+    grain_it = input_pipeline.GrainImages(ds, batch * jax.process_count(), cfg.seed, cfg.image_size,
+                                          cfg.image_channels, num_epochs=1, shuffle=False,
+                                          augment=False, drop_remainder=False)
+    yield from grain_it
+
+
+def _encode_all(batches, encode_fn: Callable, mesh, local_batch: int, flip: bool):
+    tokens, flipped, labels = [], [], []
+    for batch in batches:
+        images, n = batch["image"], len(batch["image"])
+        pad = np.zeros((local_batch - n,) + images.shape[1:], images.dtype)
+        views = [np.concatenate([images, pad])]
+        if flip:
+            views.append(views[0][:, :, ::-1])
+        codes = [shd.local_rows(encode_fn(shd.global_batch(v, mesh)))[:n] for v in views]
+        tokens.append(codes[0].reshape(n, -1))
+        if flip:
+            flipped.append(codes[1].reshape(n, -1))
+        labels.append(batch["label"])
+    if not tokens:
+        raise ValueError("the training split gave no examples to pre-tokenise")
+    out = dict(tokens=np.concatenate(tokens).astype(np.int32),
+               labels=np.concatenate(labels).astype(np.int32))
+    if flip:
+        out["tokens_flipped"] = np.concatenate(flipped).astype(np.int32)
+    return out
+
+
+def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: int, grid,
+                  tokenizer_step: int) -> Dict[str, Optional[np.ndarray]]:
+    """Tokens of this process's shard of the train split, encoded once and cached on disk.
+
+    `encode_fn(global images) -> global token ids [B, h, w]` (jitted, batch-sharded).
+    """
+    path = cache_path(workdir)
+    meta = _meta(cfg, grid, tokenizer_step)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if json.loads(str(f["meta"])) == meta:
+                log.info("using token cache %s (%d examples)", path, len(f["labels"]))
+                return {k: f[k] for k in f.files if k != "meta"}
+        log.warning("token cache %s was built for another setup; rebuilding it", path)
+    local_batch = input_pipeline.local_batch_size(global_batch)
+    arrays = _encode_all(_local_image_batches(cfg, local_batch), encode_fn, mesh, local_batch,
+                         bool(cfg.dataset.random_flip))
+    bad = arrays["labels"][(arrays["labels"] < 0) | (arrays["labels"] >= cfg.num_classes)]
+    if bad.size:
+        raise ValueError(f"label {int(bad[0])} in the training split is outside the config's "
+                         f"{cfg.num_classes} classes")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, meta=json.dumps(meta), **arrays)
+    os.replace(tmp, path)
+    log.info("wrote token cache %s (%d examples)", path, len(arrays["labels"]))
+    return arrays

@@ -1,0 +1,158 @@
+"""The VQGAN tokenizer's training step: generator and discriminator in one jitted step.
+
+Generator loss = l1_weight * L1 + l2_weight * L2 (reconstruction)
+               + quantizer loss (codebook + commitment [+ entropy], from the model)
+               + perceptual_weight * perceptual (when a feature network is given)
+               + [step >= disc_start_step] * w_gan * non-saturating GAN loss,
+with w_gan = gan_weight, or gan_weight * |g_rec| / |g_gan| at the decoder's
+output conv (VQGAN's adaptive weight) when `adaptive_gan_weight`.
+Discriminator (own AdamW, `disc_learning_rate`), updated only from
+`disc_start_step` on: logistic loss on real vs reconstructed images plus
+R1 (r1_weight / 2 * E|grad D(real)|^2) or LeCam (lecam_weight, EMAs in the
+state). Batch: {"image": float32 [B, H, W, C] in [0, 1], "label": ...}.
+"""
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from maskgen import optim
+from maskgen import train_state
+from maskgen import vq_losses
+
+REGULARIZERS = ("r1", "lecam", "none")
+
+
+def check_train_config(tcfg):
+    if tcfg.regularizer not in REGULARIZERS:
+        raise ValueError(f"tokenizer_train.regularizer must be one of {REGULARIZERS}, got {tcfg.regularizer!r}")
+    if tcfg.gan_loss not in vq_losses.GAN_LOSS_KINDS:
+        raise ValueError(f"tokenizer_train.gan_loss must be one of {vq_losses.GAN_LOSS_KINDS}, "
+                         f"got {tcfg.gan_loss!r}")
+    if tcfg.l1_weight < 0 or tcfg.l2_weight < 0 or tcfg.l1_weight + tcfg.l2_weight == 0:
+        raise ValueError(f"need a reconstruction loss: l1_weight={tcfg.l1_weight}, l2_weight={tcfg.l2_weight}")
+    if tcfg.disc_start_step < 0:
+        raise ValueError(f"tokenizer_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")
+
+
+def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float,
+                    features_fn: Optional[Callable] = None):
+    """train_step(state, batch, key) -> (state, metrics); state.extra holds the discriminator."""
+    check_train_config(tcfg)
+    l1_w, l2_w = float(tcfg.l1_weight), float(tcfg.l2_weight)
+    gan_w, disc_start = float(tcfg.gan_weight), int(tcfg.disc_start_step)
+    percept_w = float(tcfg.perceptual_weight) if features_fn is not None else 0.0
+    gan_kind, regularizer = tcfg.gan_loss, tcfg.regularizer
+    last_layer = vqgan.last_layer_name
+
+    def disc_apply(params, images):
+        return disc.apply({"params": params}, images)
+
+    def reconstruction(images, recon):
+        loss = 0.0
+        if l1_w:
+            loss += l1_w * vq_losses.l1_loss(images, recon)
+        if l2_w:
+            loss += l2_w * vq_losses.l2_loss(images, recon)
+        return loss
+
+    def gan_weight(params, images, disc_params):
+        """Adaptive: ratio of the two losses' gradient norms at the decoder's output conv."""
+        if not tcfg.adaptive_gan_weight:
+            return jnp.asarray(gan_w, jnp.float32)
+        kernel = params["decoder"][last_layer]["kernel"]
+
+        def losses(k):
+            p = {**params, "decoder": {**params["decoder"], last_layer: {
+                **params["decoder"][last_layer], "kernel": k}}}
+            recon, _ = vqgan.apply({"params": p}, images)
+            return reconstruction(images, recon), vq_losses.generator_loss(
+                disc_apply(disc_params, recon), gan_kind)
+        (_, _), vjp = jax.vjp(losses, kernel)
+        (g_rec,) = vjp((jnp.ones(()), jnp.zeros(())))
+        (g_gan,) = vjp((jnp.zeros(()), jnp.ones(())))
+        return gan_w * vq_losses.adaptive_gan_weight(g_rec, g_gan)
+
+    def generator_loss(params, disc_params, images, gan_on, weight):
+        recon, aux = vqgan.apply({"params": params}, images)
+        rec = reconstruction(images, recon)
+        total = rec + aux["quantizer_loss"]
+        metrics = dict(reconstruction_loss=rec, quantizer_loss=aux["quantizer_loss"],
+                       commitment_loss=aux["commitment_loss"], codebook_loss=aux["codebook_loss"])
+        if percept_w:
+            percept = vq_losses.perceptual_loss(features_fn, images, recon)
+            total += percept_w * percept
+            metrics["perceptual_loss"] = percept
+        g_adv = vq_losses.generator_loss(disc_apply(disc_params, recon), gan_kind)
+        total += gan_on * weight * g_adv
+        codes = aux["encoding_indices"].reshape(-1)
+        usage = jnp.zeros((vqgan.codebook_size,), jnp.float32).at[codes].add(1.0)
+        metrics.update(generator_gan_loss=g_adv, gan_weight=weight, loss=total,
+                       codebook_usage=jnp.mean((usage > 0).astype(jnp.float32)))
+        return total, (metrics, recon)
+
+    def disc_loss(disc_params, images, recon, lecam_ema):
+        real = disc_apply(disc_params, images)
+        fake = disc_apply(disc_params, jax.lax.stop_gradient(recon))
+        loss = vq_losses.discriminator_loss(real, fake, gan_kind)
+        metrics = dict(disc_loss=loss, logits_real=jnp.mean(real), logits_fake=jnp.mean(fake))
+        if regularizer == "r1":
+            r1, _ = vq_losses.r1_penalty(disc_apply, disc_params, images)
+            loss += 0.5 * tcfg.r1_weight * r1
+            metrics["r1_penalty"] = r1
+        elif regularizer == "lecam":
+            lecam, lecam_ema = vq_losses.lecam_loss(real, fake, lecam_ema, tcfg.lecam_ema_decay)
+            loss += tcfg.lecam_weight * lecam
+            metrics["lecam_loss"] = lecam
+        return loss, (metrics, lecam_ema)
+
+    def train_step(state, batch, key):
+        del key  # the VQGAN step draws no random numbers
+        images = batch["image"].astype(jnp.float32)
+        extra = state.extra
+        gan_on = (state.step >= disc_start).astype(jnp.float32)
+        weight = gan_weight(state.params, images, extra["disc_params"])
+        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+            state.params, extra["disc_params"], images, gan_on, weight)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def disc_update(operand):
+            d_params, d_opt, ema = operand
+            (_, (d_metrics, new_ema)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
+                d_params, images, recon, ema)
+            d_updates, d_opt = disc_tx.update(d_grads, d_opt, d_params)
+            return (optax.apply_updates(d_params, d_updates), d_opt, new_ema), d_metrics
+
+        operand = (extra["disc_params"], extra["disc_opt_state"], extra["lecam_ema"])
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(lambda o: disc_update(o)[1], operand))
+
+        def disc_skip(operand):
+            return operand, zero_metrics
+
+        (d_params, d_opt, ema), d_metrics = jax.lax.cond(
+            state.step >= disc_start, disc_update, disc_skip, operand)
+        metrics = dict(metrics, **d_metrics, grad_norm=optax.tree.norm(grads),
+                       learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            ema_params=optim.ema_update(state.ema_params, params, ema_decay),
+            extra=dict(extra, disc_params=d_params, disc_opt_state=d_opt, lecam_ema=ema))
+        return new_state, metrics
+
+    return train_step
+
+
+def make_init(vqgan, disc, tx, disc_tx, image_shape):
+    """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`."""
+    def init(key):
+        k_gen, k_disc = jax.random.split(key)
+        images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+        params = vqgan.init(k_gen, images)["params"]
+        disc_params = disc.init(k_disc, images)["params"]
+        return train_state.new_state(params, tx, extra=dict(
+            disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
+            lecam_ema=vq_losses.LeCamEMA.zeros()))
+    return init

@@ -1,0 +1,229 @@
+"""Training: the transformer loss pieces, stage configs, and train.py runs (end to end, killed, resumed)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from maskgen import config_io
+from maskgen import input_pipeline
+from maskgen import trainer
+from maskgen import train_step_transformer as tst
+from maskgen.scheduler import schedules
+from maskgen.tokens import TokenLayout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _debug_cfg(**overrides):
+    cfg = config_io.load_config_file(os.path.join(REPO, "configs/debug.py"))
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def test_stage_config_inherits_top_level_values_unless_set():
+    cfg = _debug_cfg(num_train_steps=7, checkpoint_every_steps=3)
+    cfg.tokenizer_train.num_train_steps = 11
+    tok, tra = trainer.stage_config(cfg, "tokenizer"), trainer.stage_config(cfg, "transformer")
+    assert (tok.num_train_steps, tok.checkpoint_every_steps, tok.batch_size) == (11, 3, 8)
+    assert (tra.num_train_steps, tra.checkpoint_every_steps) == (7, 3)
+    assert tra.label_smoothing == cfg.transformer_train.label_smoothing
+    with pytest.raises(ValueError, match="unknown stage"):
+        trainer.stage_config(cfg, "decoder")
+    cfg.checkpoint_every_steps = 0
+    with pytest.raises(ValueError, match="checkpoint_every_steps must be a positive int"):
+        trainer.stage_config(cfg, "transformer")
+
+
+def test_mask_tokens_masks_the_scheduled_count():
+    n, batch, rate = 64, 256, 0.5
+    tokens = jnp.arange(batch * n, dtype=jnp.int32).reshape(batch, n) % 32
+    key = jax.random.key(0)
+    inputs, masked = tst.mask_tokens(key, tokens, "cosine", rate, mask_id=99)
+    # Recompute the per-example counts from the same draw.
+    r = jax.random.uniform(jax.random.split(key)[0], (batch,))
+    ratio = np.maximum(np.cos(np.pi / 2 * np.asarray(r)), rate)
+    expect = np.clip(np.ceil(ratio * n), 1, n)
+    np.testing.assert_array_equal(np.asarray(masked).sum(1), expect)
+    np.testing.assert_array_equal(np.asarray(inputs), np.where(masked, 99, tokens))
+    assert np.asarray(masked).sum(1).min() >= rate * n  # min_masking_rate respected
+    # Positions are uniform: every position is masked about equally often.
+    freq = np.asarray(masked).mean(0)
+    assert freq.std() < 0.1
+    assert np.allclose(schedules.mask_ratio("cosine", np.float32(0.0)), 1.0)
+
+
+def test_masked_token_loss_matches_a_direct_computation():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    weights = rng.random((2, 5)) < 0.5
+    eps = 0.1
+    got = float(tst.masked_token_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights), eps))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    smooth = np.full((2, 5, 7), eps / 7) + (1 - eps) * np.eye(7)[targets]
+    per = -(smooth * logp).sum(-1)
+    np.testing.assert_allclose(got, (per * weights).sum() / weights.sum(), rtol=1e-5)
+
+
+def test_label_dropout_needs_a_null_class():
+    cfg = _debug_cfg()
+    layout = TokenLayout(codebook_size=32, num_classes=4, null_class_id=None)
+    with pytest.raises(ValueError, match="needs a null class"):
+        tst.check_train_config(cfg.transformer_train, layout)
+    labels = jnp.arange(1000) % 4
+    dropped = tst.drop_labels(jax.random.key(0), labels, 0.25, 4)
+    frac = float(jnp.mean(dropped == 4))
+    assert 0.2 < frac < 0.3 and bool(jnp.all((dropped == labels) | (dropped == 4)))
+
+
+def test_epoch_sampler_splits_batches_over_processes_and_resumes():
+    whole = input_pipeline.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
+    parts = [input_pipeline.EpochSampler(10, 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    for _ in range(7):  # crosses epoch boundaries
+        full = whole.indices(whole.next_positions())
+        split = np.concatenate([s.indices(s.next_positions()) for s in parts])
+        np.testing.assert_array_equal(full, split)
+    first_epoch = whole.indices(np.arange(10))
+    assert sorted(first_epoch) == list(range(10))
+    resumed = input_pipeline.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
+    resumed.set_state(whole.get_state())
+    np.testing.assert_array_equal(resumed.indices(resumed.next_positions()),
+                                  whole.indices(whole.next_positions()))
+    with pytest.raises(ValueError, match="another data config"):
+        input_pipeline.EpochSampler(12, 4, seed=3).set_state(whole.get_state())
+
+
+def _env():
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=REPO)
+    env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    return env
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs/debug.py"),
+            f"--workdir={workdir}", *overrides]
+
+
+def _final_tree(stage_dir, step):
+    return ocp.CheckpointManager(stage_dir).restore(step)["state"]
+
+
+def test_two_stage_debug_run_end_to_end(tmp_path):
+    workdir = tmp_path / "run"
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")  # FSDP over 2 devices
+    result = subprocess.run(
+        _train_cmd(workdir, "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.sample_every_steps=4",
+                   "--config.seed=3"),
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = config_io.read_config(workdir)
+    assert cfg.seed == 3 and cfg.mesh.fsdp == 2 and cfg.stages == ("tokenizer", "transformer")
+    for stage in ("tokenizer", "transformer"):
+        steps = sorted(int(p) for p in os.listdir(workdir / stage) if p.isdigit())
+        assert steps == [2, 4], steps
+        tree = _final_tree(workdir / stage, 4)
+        assert int(tree["step"]) == 4
+        leaves = zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(tree["ema_params"]))
+        assert any(not np.array_equal(p, e) for p, e in leaves)  # the EMA lags the parameters
+        assert glob.glob(str(workdir / stage / "tb" / "events.out.tfevents.*"))
+        assert os.path.getsize(workdir / stage / "samples" / "step_00000004.png") > 0
+    tok = _final_tree(workdir / "tokenizer", 4)
+    assert {"disc_params", "disc_opt_state", "lecam_ema"} <= set(tok)
+    data = ocp.CheckpointManager(workdir / "transformer").restore(4)["data"]
+    assert data["kind"] == "sampler" and data["position"] == 4
+    with np.load(glob.glob(str(workdir / "token_cache" / "*.npz"))[0]) as cache:
+        assert cache["tokens"].shape == (256, 16) and cache["tokens"].dtype == np.int32
+        assert cache["tokens"].max() < cfg.tokenizer.codebook_size
+        assert json.loads(str(cache["meta"]))["tokenizer_step"] == 4
+    assert "transformer step 4" in result.stderr
+
+
+def _wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not os.path.isdir(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited ({proc.returncode}) before {path} appeared:\n"
+                                 + proc.stderr.read()[-3000:])
+        if time.time() - start > timeout:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.005)
+
+
+def _interrupted(cmd, env, path, sig):
+    """Runs `cmd` until `path` exists, then sends `sig`; returns (returncode, stderr)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait_for(path, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """Two devices (data=2), optimised XLA, compiled once into a shared persistent cache."""
+    steps, every = 16, 4
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="0", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
+    cli = ["--config.stages=('transformer',)", f"--config.num_train_steps={steps}",
+           f"--config.checkpoint_every_steps={every}", "--config.log_every_steps=100",
+           "--config.dataset.name=synthetic_tokens"]
+    reference = subprocess.run(_train_cmd(tmp_path / "reference", *cli), env=env, cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = _final_tree(tmp_path / "reference" / "transformer", steps)
+
+    workdir = tmp_path / "run"
+    stage_dir = workdir / "transformer"
+    cmd = _train_cmd(workdir, *cli)
+
+    def saved_steps():
+        return sorted(ocp.CheckpointManager(stage_dir).all_steps())
+
+    # 1) Preemption: SIGTERM once the first checkpoint exists -> a save at the current step, clean exit.
+    code, err = _interrupted(cmd, env, str(stage_dir / str(every)), signal.SIGTERM)
+    assert code == 0, err[-3000:]
+    stopped_at = saved_steps()[-1]
+    assert every <= stopped_at < steps, (stopped_at, err[-2000:])
+    assert f"stopped during stage transformer at step {stopped_at}" in err
+
+    # 2) Hard kill: rerun the command and SIGKILL it after it saved a later checkpoint.
+    later = (stopped_at // every + 1) * every
+    code, err = _interrupted(cmd, env, str(stage_dir / str(later)), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert f"resumed from step {stopped_at}" in err
+    assert steps not in saved_steps(), "killed too late to test resuming"
+
+    # 3) Rerun the same command: it resumes and reaches the uninterrupted run's state exactly.
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step" in result.stderr
+    got = _final_tree(stage_dir, steps)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(got["step"]) == steps
