@@ -5,6 +5,7 @@ thousands of images; each batch is split along a 1-D `data` mesh so every
 device takes its share, parameters are replicated, and one compiled program
 serves every batch (the last batch is padded to the same shape).
 """
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -19,6 +20,18 @@ def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh over `devices` (default: all) with the single axis `data`."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+@functools.lru_cache(maxsize=32)
+def sharded_step(apply_fn: Callable, mesh: Mesh):
+    """jit of apply_fn(params, batch): params replicated, batch and outputs split on `data`.
+
+    Cached per (function, mesh) so repeated evaluations reuse one compilation;
+    pass a module-level function, not a fresh closure, to benefit.
+    """
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
 
 
 def batched_apply(apply_fn: Callable, params, inputs, batch_size: int,
@@ -38,9 +51,8 @@ def batched_apply(apply_fn: Callable, params, inputs, batch_size: int,
     batch_size = -(-batch_size // num_devices) * num_devices
     batch_size = min(batch_size, -(-inputs.shape[0] // num_devices) * num_devices)
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = jax.device_put(params, replicated)
-    step = jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+    step = sharded_step(apply_fn, mesh)
 
     total = inputs.shape[0]
     outputs, pending = [], None

@@ -9,6 +9,7 @@ Parameter names follow torchvision (`Mixed_5b/branch5x5_1/...`).
 Inputs: NHWC, 299x299, scaled like the TF graph, (x - 128) / 128 for 8-bit
 x, i.e. [-1, 0.9921875]. `preprocess` takes uint8 images of any size there.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -253,8 +254,16 @@ def inception_features(model: InceptionV3, params, images, batch_size: int = 200
         raise ValueError(f"images must be uint8, got {images.dtype}; convert with "
                          "np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for [0, 1] floats")
 
-    def apply(p, batch):
-        return model.apply({"params": p}, preprocess(batch))
+    return features_lib.batched_apply(_apply_fn(model.num_logits, model.precision), params, images,
+                                      batch_size, mesh=mesh, progress=progress, desc="inception")
 
-    return features_lib.batched_apply(apply, params, images, batch_size, mesh=mesh,
-                                      progress=progress, desc="inception")
+
+@functools.lru_cache(maxsize=None)
+def _apply_fn(num_logits, precision):
+    """One function object per model configuration, so `sharded_step` compiles it once."""
+    model = InceptionV3(num_logits=num_logits, precision=precision)
+
+    def apply(params, images):
+        return model.apply({"params": params}, preprocess(images))
+
+    return apply
