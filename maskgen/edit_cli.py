@@ -6,7 +6,7 @@
     python sample.py --workdir=W --edit=outpaint --image=in.png --canvas=28,56 --class_id=3 --out=D
     python sample.py --workdir=W --edit=edit_class --image=in.png --box=0,0,14,28 --class_id=5 --out=D
 
-Writes D/before_after.png (input | input with the regenerated region dimmed | result;
+Writes D/before_after.png (input | the regenerated tokens hatched | result;
 for outpainting: input on the grey canvas | result) and D/edit.npz (`image`,
 `generated`, `input`, `tokens_before`, `tokens_after`, `token_mask`, `offset`,
 `class_id`; -1 = none). Every input is checked before the model runs, so bad input
@@ -168,13 +168,15 @@ def _fit(image: np.ndarray, shape) -> np.ndarray:
 
 
 def before_after(image: np.ndarray, result: editing.EditResult, factor: int) -> np.ndarray:
-    """uint8 panel: inputs and result side by side, the regenerated area marked."""
+    """uint8 panel: input, regenerated area (hatched) and result side by side."""
     after = result.image
     region = np.repeat(np.repeat(result.token_mask, factor, 0), factor, 1)[..., None]
     if result.tokens_after.shape == result.tokens_before.shape:  # in-place edit
         before = _fit(image, after.shape)
-        dimmed = np.where(region, before // 2 + 64, before).astype(np.uint8)
-        panels = [before, dimmed, after]
+        rows, cols = np.indices(after.shape[:2])
+        stripes = (((rows + cols) // max(1, factor // 2)) % 2 * 255)[..., None]
+        marked = np.where(region, stripes, before).astype(np.uint8)
+        panels = [before, marked, after]
     else:
         h, w = (n * factor for n in result.tokens_before.shape)
         before = np.full_like(after, 128)

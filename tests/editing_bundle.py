@@ -36,17 +36,20 @@ def random_params(module, example, seed: int):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def tiny_bundle():
+def tiny_bundle(side: int = 8):
+    """Random bundle for side x side grey images (f = 2, so side/2 x side/2 tokens)."""
+    grid = side // 2
+    length = 1 + grid * grid
     layout = TokenLayout(codebook_size=16, num_classes=4, null_class_id=3)
     tokenizer = VQGAN(codebook_size=16, embedding_dim=4, filters=8, num_res_blocks=1,
                       channel_multipliers=(1, 2), image_channels=1, norm_groups=4)
     transformer = Transformer(vocab_size=layout.vocab_size, hidden_size=16, num_layers=2, num_heads=2,
-                              mlp_dim=32, max_len=17, dropout_rate=0.0, attention_dropout_rate=0.0)
-    tok_params = random_params(tokenizer, jnp.zeros((1, 8, 8, 1)), seed=0)
-    tf_params = random_params(transformer, jnp.zeros((1, 17), jnp.int32), seed=1)
+                              mlp_dim=32, max_len=length, dropout_rate=0.0, attention_dropout_rate=0.0)
+    tok_params = random_params(tokenizer, jnp.zeros((1, side, side, 1)), seed=0)
+    tf_params = random_params(transformer, jnp.zeros((1, length), jnp.int32), seed=1)
     config = ml_collections.ConfigDict(dict(sampling=dict(SAMPLING)))
     return types.SimpleNamespace(tokenizer=tokenizer, transformer=transformer, layout=layout,
-                                 token_grid=(4, 4), image_shape=(8, 8, 1), config=config,
+                                 token_grid=(grid, grid), image_shape=(side, side, 1), config=config,
                                  params={"tokenizer": tok_params, "transformer": tf_params})
 
 
