@@ -14,6 +14,7 @@ Layout of a config (every key is overridable as `--config.a.b=value`):
   mesh.*               device mesh axes (data, fsdp, tensor); -1 fills the rest
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.null_class = True  # reserve a null class id for classifier-free guidance
 
     c.dataset = ml_collections.ConfigDict(dict(
-        name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+        name="imagenet2012", data_dir=placeholder(str), train_split="train", eval_split="validation",
         random_crop=False, random_flip=True, worker_count=0, prefetch=2,
         synthetic_examples=256))  # size of the "synthetic" / "synthetic_tokens" datasets
 
@@ -42,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.sampling = ml_collections.ConfigDict(dict(
         steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0,
-        temperature_end=ml_collections.config_dict.placeholder(float),
+        temperature_end=placeholder(float),
         top_k=0, top_p=1.0, guidance_scale=1.0, guidance_schedule="constant",
         order="confidence", recap_full_only_steps=0, recap_cheap_per_full=0))
 
@@ -57,21 +58,23 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_num_samples = 1000
 
     c.tokenizer_train = ml_collections.ConfigDict(dict(
-        num_train_steps=None, batch_size=None, checkpoint_every_steps=None,
+        num_train_steps=placeholder(int), batch_size=placeholder(int),
+        checkpoint_every_steps=placeholder(int),
         learning_rate=1e-4, b1=0.0, b2=0.99, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
         grad_clip=1.0, ema_decay=0.999,
-        l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.0, perceptual_weights=None,
+        l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.0, perceptual_weights=placeholder(str),
         gan_weight=0.1, gan_loss="non_saturating", adaptive_gan_weight=False,
         disc_start_step=0, disc_learning_rate=1e-4, regularizer="r1", r1_weight=10.0,
         lecam_weight=0.0, lecam_ema_decay=0.999))
 
     c.transformer_train = ml_collections.ConfigDict(dict(
-        num_train_steps=None, batch_size=None, checkpoint_every_steps=None,
+        num_train_steps=placeholder(int), batch_size=placeholder(int),
+        checkpoint_every_steps=placeholder(int),
         learning_rate=1e-4, b1=0.9, b2=0.96, weight_decay=0.045, warmup_steps=5000,
         lr_schedule="cosine", grad_clip=1.0, ema_decay=0.9999,
         label_smoothing=0.1, mask_schedule="cosine", min_masking_rate=0.5, loss_on_all=False,
         label_dropout=0.1, pretokenize=True,
-        tokenizer_workdir=ml_collections.config_dict.placeholder(str)))  # None: this run
+        tokenizer_workdir=placeholder(str)))  # None: this run
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Overrides of maskgen.sharding.RULES: logical axis name -> list of mesh axes (or lists of axes).
