@@ -186,8 +186,16 @@ def before_after(image: np.ndarray, result: editing.EditResult, factor: int) -> 
     return make_grid(np.stack(panels), rows=1)
 
 
-def run_edit(bundle, flag_values=flags.FLAGS) -> dict:
-    """Runs the edit the flags describe and writes before_after.png and edit.npz; returns paths."""
+def run_edit(bundle, flag_values=flags.FLAGS) -> None:
+    """sample.py's entry: runs the edit and writes the files (returns None, a clean exit status)."""
+    edit_from_flags(bundle, flag_values)
+
+
+def edit_from_flags(bundle, flag_values=flags.FLAGS) -> dict:
+    """Runs the edit the flags describe, writes before_after.png and edit.npz.
+
+    Returns {"png": path, "npz": path, "result": EditResult}.
+    """
     mode = _value(flag_values, "edit")
     if mode not in EDIT_MODES:
         raise ValueError(f"--edit must be one of {EDIT_MODES}, got {mode!r}")

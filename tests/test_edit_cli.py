@@ -45,7 +45,7 @@ def parse(argv):
 def test_inpaint_writes_the_api_result(bundle, files, tmp_path):
     folder, image, mask = files
     out = tmp_path / "box"
-    written = edit_cli.run_edit(bundle, parse(
+    written = edit_cli.edit_from_flags(bundle, parse(
         [f"--image={folder / 'in.png'}", "--edit=inpaint", "--box=6,5,2,3", "--class_id=1",
          "--seed=2", f"--out={out}"]))
     assert sorted(p.name for p in out.iterdir()) == ["before_after.png", "edit.npz"]
@@ -59,7 +59,7 @@ def test_inpaint_writes_the_api_result(bundle, files, tmp_path):
     assert panel.shape == ((8 + 4) * 16, (3 * 10 + 2) * 16)  # three 8x8 panels, pad 2, scale 16
     # The mask files name the same pixels as the box.
     for name in ("mask.png", "mask.npy"):
-        again = edit_cli.run_edit(bundle, parse(
+        again = edit_cli.edit_from_flags(bundle, parse(
             [f"--image={folder / 'in.png'}", "--edit=inpaint", f"--mask={folder / name}",
              "--class_id=1", "--seed=2", f"--out={tmp_path / name}"]))
         np.testing.assert_array_equal(np.load(again["npz"])["tokens_after"], api.tokens_after)
@@ -67,14 +67,14 @@ def test_inpaint_writes_the_api_result(bundle, files, tmp_path):
 
 def test_outpaint_and_edit_class(bundle, files, tmp_path):
     folder, image, _ = files
-    outpainted = edit_cli.run_edit(bundle, parse(
+    outpainted = edit_cli.edit_from_flags(bundle, parse(
         [f"--image={folder / 'in.png'}", "--edit=outpaint", "--direction=right", "--amount=8",
          "--class_id=0", f"--out={tmp_path / 'out'}"]))
     saved = np.load(outpainted["npz"])
     assert saved["tokens_after"].shape == (4, 8) and saved["image"].shape == (8, 16, 1)
     np.testing.assert_array_equal(saved["tokens_after"][:, :4], saved["tokens_before"])
     assert np.asarray(Image.open(outpainted["png"])).shape == ((8 + 4) * 16, (2 * 18 + 2) * 16)
-    edited = edit_cli.run_edit(bundle, parse(
+    edited = edit_cli.edit_from_flags(bundle, parse(
         [f"--image={folder / 'big.png'}", "--resize", "--edit=edit_class", "--box=0,0,8,8",
          "--class_id=2", f"--out={tmp_path / 'class'}"]))
     saved = np.load(edited["npz"])
