@@ -42,7 +42,8 @@ class CountedModel:
     """A ContextFake that logs the batch size of every executed call (a debug callback)."""
 
     def __init__(self, seed=0, scale=1.0):
-        self.model = ContextFake(LENGTH, LAYOUT.vocab_size, LAYOUT.codebook_size, seed=seed, scale=scale)
+        self.model = ContextFake(LENGTH, LAYOUT.vocab_size, LAYOUT.codebook_size, seed=seed,
+                                 scale=scale)
         self.log = []
 
     def __call__(self, ids):
@@ -262,12 +263,14 @@ def test_guidance_combines_conditional_and_null_rows():
     # w = 0 is the unconditional model, w = 1 the conditional one (w = uncond + w (cond - uncond)).
     for weight, want in [(0.0, uncond), (1.0, cond)]:
         tokens = _run(model, ids, 0, DecodeConfig(steps=3, guidance_scale=weight)).tokens
-        np.testing.assert_array_equal(np.asarray(tokens)[:, 1:], np.broadcast_to(want[1:], (2, LENGTH - 1)))
+        np.testing.assert_array_equal(np.asarray(tokens)[:, 1:],
+                                      np.broadcast_to(want[1:], (2, LENGTH - 1)))
     # The null class can also come from the call instead of the layout.
     plain_layout = TokenLayout(codebook_size=16, num_classes=5)
     tokens = _run(model, ids, 0, DecodeConfig(steps=3, guidance_scale=0.0), layout=plain_layout,
                   null_class_id=4).tokens
-    np.testing.assert_array_equal(np.asarray(tokens)[:, 1:], np.broadcast_to(uncond[1:], (2, LENGTH - 1)))
+    np.testing.assert_array_equal(np.asarray(tokens)[:, 1:],
+                                  np.broadcast_to(uncond[1:], (2, LENGTH - 1)))
 
 
 def test_guidance_requires_a_null_class():
@@ -361,7 +364,7 @@ def test_bad_inputs_raise():
 
 
 def test_official_equivalence_with_real_transformer(official_small):
-    """maskgen's Transformer + official preset == google-research/maskgit, every slot of every run."""
+    """maskgen's Transformer + official preset == google-research/maskgit, every slot, every run."""
     path = official_small["_dir"] / "checkpoints" / "maskgit_imagenet128_checkpoint"
     params = flax.serialization.from_bytes(None, path.read_bytes())["params"]
     model = Transformer(vocab_size=75, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=256,
@@ -381,8 +384,8 @@ def test_official_equivalence_with_real_transformer(official_small):
             runs.append((key, "gen", 8, 0, method, float(tau)))
     assert len(runs) == 9
     for want_key, prefix, steps, start, schedule, tau in runs:
-        config = DecodeConfig(steps=steps, start_step=start, schedule=schedule, choice_temperature=tau,
-                              official=True, return_intermediates=True)
+        config = DecodeConfig(steps=steps, start_step=start, schedule=schedule,
+                              choice_temperature=tau, official=True, return_intermediates=True)
         result = _decoder(logits_fn, config, layout)(
             jnp.asarray(official_small[f"{prefix}_input_tokens"]),
             jnp.asarray(official_small[f"{prefix}_rng"]))

@@ -69,7 +69,8 @@ class _RandomContext:
         return self.positional[None] + cache.mean(1, keepdims=True), cache
 
     def cheap(self, ids_sub, positions_sub, cache):
-        cache = cache.at[jnp.arange(ids_sub.shape[0])[:, None], positions_sub].set(self.embedding[ids_sub])
+        rows = jnp.arange(ids_sub.shape[0])[:, None]
+        cache = cache.at[rows, positions_sub].set(self.embedding[ids_sub])
         return self.positional[positions_sub] + cache.mean(1, keepdims=True)
 
     def logits(self, ids):
@@ -157,7 +158,8 @@ def test_cheap_steps_see_fresh_group_tokens(recap, config):
     kinds = [entry[0] for entry in COUNTING.log]
     assert kinds.count("full") == plan.num_full and kinds.count("cheap") == plan.num_cheap
     assert all(entry[1] == batch for entry in COUNTING.log)
-    cheap_rows = sorted({rows for rows, group in zip(plan.cheap_rows, plan.groups) if len(group) > 1})
+    cheap_rows = sorted({rows for rows, group in zip(plan.cheap_rows, plan.groups)
+                         if len(group) > 1})
     assert sorted({entry[2] for entry in COUNTING.log if entry[0] == "cheap"}) == cheap_rows
 
     sequences = np.asarray(result.sequences)
@@ -193,7 +195,8 @@ def test_recap_tokens_do_not_depend_on_batch_composition():
     config, recap = DecodeConfig(steps=6, guidance_scale=2.0), RecapConfig(1, 1)
     model = RANDOM
     full = np.asarray(_recap_decoder(model, config, recap)(ids, 5).tokens)
-    pair = np.asarray(_recap_decoder(model, config, recap)(ids[[3, 1]], example_keys(5, [3, 1])).tokens)
+    pair = _recap_decoder(model, config, recap)(ids[[3, 1]], example_keys(5, [3, 1])).tokens
+    pair = np.asarray(pair)
     np.testing.assert_array_equal(full[[3, 1]], pair)
 
 
@@ -220,13 +223,15 @@ def small_transformer(official_small):
             return model.apply(variables, ids, num_logits=64, method="forward_with_kv")
 
         def cheap(self, ids, positions, kv):
-            return model.apply(variables, ids, positions, kv, num_logits=64, method="forward_subset")
+            return model.apply(variables, ids, positions, kv, num_logits=64,
+                               method="forward_subset")
 
     return Callables(), layout
 
 
 @pytest.mark.parametrize("guided", [False, True])
-def test_cheap_call_with_unchanged_rows_reproduces_full_logits(small_transformer, official_small, guided):
+def test_cheap_call_with_unchanged_rows_reproduces_full_logits(small_transformer, official_small,
+                                                               guided):
     fns, layout = small_transformer
     ids = jnp.asarray(official_small["edit_input_tokens"][:3])
     ids = jnp.where(ids == -1, layout.mask_id, ids)
@@ -235,7 +240,8 @@ def test_cheap_call_with_unchanged_rows_reproduces_full_logits(small_transformer
     rng = np.random.default_rng(0)
     # Class row, 9 group rows, then padding rows that repeat the class row (as the decoder pads).
     group = np.stack([1 + rng.choice(64, 9, replace=False) for _ in range(3)])
-    positions = jnp.asarray(np.concatenate([np.zeros((3, 1)), group, np.zeros((3, 4))], 1), jnp.int32)
+    positions = np.concatenate([np.zeros((3, 1)), group, np.zeros((3, 4))], axis=1)
+    positions = jnp.asarray(positions, jnp.int32)
 
     @jax.jit
     def both(ids):

@@ -23,18 +23,18 @@ def test_mask_ratio_matches_official_values(official_small, total):
             jnp.asarray(ratios), jnp.int32(total))
         # The end points are exact (1 and the 1e-6 clip); in between float32 ulps.
         np.testing.assert_allclose(host, want[row], rtol=2e-6, atol=1e-7, err_msg=name)
-        np.testing.assert_allclose(np.asarray(traced), want[row], rtol=2e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(np.asarray(traced), want[row], rtol=2e-6, atol=1e-7,
+                                   err_msg=name)
         assert host[ratios == 0][0] == want[row][ratios == 0][0]
         assert host[ratios == 1][0] == want[row][ratios == 1][0] == np.float32(1e-6)
 
 
 def test_aliases_and_arccos():
     r = np.linspace(0, 1, 17, dtype=np.float32)
-    np.testing.assert_array_equal(schedules.mask_ratio("linear", r), schedules.mask_ratio("uniform", r))
-    np.testing.assert_array_equal(schedules.mask_ratio("square", r), schedules.mask_ratio("pow2", r))
-    np.testing.assert_array_equal(schedules.mask_ratio("cubic", r), schedules.mask_ratio("pow3", r))
-    np.testing.assert_allclose(schedules.mask_ratio("square", r), np.clip(1 - r.astype(np.float64) ** 2, 1e-6, 1),
-                               rtol=1e-6)
+    for alias, name in [("linear", "uniform"), ("square", "pow2"), ("cubic", "pow3")]:
+        np.testing.assert_array_equal(schedules.mask_ratio(alias, r), schedules.mask_ratio(name, r))
+    np.testing.assert_allclose(schedules.mask_ratio("square", r),
+                               np.clip(1 - r.astype(np.float64) ** 2, 1e-6, 1), rtol=1e-6)
     # arccos(r) / (pi/2): 1 at r=0, 2/3 at r=1/2, clipped to 1e-6 at r=1.
     values = schedules.mask_ratio("arccos", np.array([0., .5, 1.], np.float32))
     np.testing.assert_allclose(values, [1., 2. / 3., 1e-6], rtol=1e-6)
@@ -152,7 +152,8 @@ def test_guidance_and_temperature_ramps():
     np.testing.assert_allclose(schedules.guidance_scales("linear", 3.0, 4), [1.0, 1.5, 2.0, 2.5])
     cosine = schedules.guidance_scales("pow-cosine", 3.0, 8)
     assert cosine[0] == 1.0 and np.all(np.diff(cosine) > 0) and cosine[-1] < 3.0
-    np.testing.assert_allclose(cosine[4], 1 + 2 * (1 - math.cos(math.pi * 0.5 ** 2.75)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(cosine[4], 1 + 2 * (1 - math.cos(math.pi * 0.5 ** 2.75)) / 2,
+                               rtol=1e-6)
     for name in schedules.GUIDANCE_SCHEDULES:
         np.testing.assert_array_equal(schedules.guidance_scales(name, 1.0, 5), np.ones(5))
     with pytest.raises(ValueError, match="guidance schedule"):

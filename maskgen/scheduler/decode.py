@@ -68,7 +68,8 @@ class DecodeConfig:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
         if not isinstance(self.start_step, int) or not 0 <= self.start_step < self.steps:
-            raise ValueError(f"start_step must lie in [0, steps={self.steps}), got {self.start_step!r}")
+            raise ValueError(
+                f"start_step must lie in [0, steps={self.steps}), got {self.start_step!r}")
         schedules.canonical_schedule(self.schedule)
         if self.choice_temperature < 0:
             raise ValueError(f"choice_temperature must be >= 0, got {self.choice_temperature}")

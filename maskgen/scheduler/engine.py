@@ -17,7 +17,6 @@ bound `rows` (top_k of that size), padded ranks are no-ops.
 import dataclasses
 from typing import Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -45,7 +44,7 @@ class StepTables:
 
 
 def group_steps(num_steps: int, start_step: int, full_only_steps: int, cheap_steps: int):
-    """Executed steps cut into groups: steps < P alone, then runs of 1 + K steps (last may be short)."""
+    """Executed steps in groups: steps < P alone, then runs of 1 + K (the last may be short)."""
     steps = list(range(start_step, num_steps))
     groups = [(t,) for t in steps if t < full_only_steps]
     rest = [t for t in steps if t >= full_only_steps]
@@ -73,7 +72,7 @@ def _step_value(table, step):
 
 
 def _candidates(logits, sample_keys, temperature, top_k, top_p):
-    """Sampled ids and their log-probability under the (filtered, tempered) sampling distribution."""
+    """Sampled ids and their log-probability under the filtered, tempered distribution."""
     logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
     return token_sampling.sample_per_example(sample_keys, logits)
 
@@ -128,7 +127,10 @@ def _group(seq, start, *, calls, example_keys, counts, tables, mask_id, phase,
 
 def run(calls, seq, example_keys, tables: StepTables, phases, *, mask_id: int,
         top_k=None, top_p=None, keep_steps=False):
-    """Decodes seq [B, L] (mask_id = unknown). Returns (tokens [B, L], per-step seqs [S, B, L] or None)."""
+    """Decodes seq [B, L] (mask_id = unknown).
+
+    Returns (tokens [B, L], committed sequence after every executed step [S, B, L] or None).
+    """
     length = seq.shape[1]
     unknown = jnp.sum(seq == mask_id, axis=1)
     counts = jnp.asarray(tables.counts)[jnp.minimum(unknown, length)]  # [B, T]

@@ -14,7 +14,7 @@ from maskgen.scheduler.token_sampling import guide
 
 
 class ModelCalls:
-    """Runs the user callables on the (possibly guidance-doubled) batch and returns [B, ...] logits."""
+    """Runs the user callables on the (possibly guidance-doubled) batch; returns [B, ...] logits."""
 
     def __init__(self, full_fn, cheap_fn, codebook_size: int, null_token=None):
         self._full_fn = full_fn

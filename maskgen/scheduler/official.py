@@ -19,7 +19,7 @@ from maskgen.scheduler import token_sampling
 
 def run(calls, seq, key, *, num_steps, start_step, schedule, choice_temperature, mask_id,
         temperatures=None, guidance=None, top_k=None, top_p=None, keep_steps=False):
-    """Returns (tokens [B, L], slots [B, T, L] or None); slot t = step t's sample before re-masking."""
+    """Returns (tokens [B, L], slots [B, T, L] or None); slot t = step t's pre-re-mask sample."""
     schedule = schedules.canonical_schedule(schedule)
     unknown_at_start = jnp.sum(seq == mask_id, axis=-1)  # [B] int32
     slots = jnp.tile(seq[:, None, :], (1, num_steps, 1)) if keep_steps else None
@@ -46,7 +46,8 @@ def run(calls, seq, key, *, num_steps, start_step, schedule, choice_temperature,
                                               mask_len))
         rng, choice_rng = jax.random.split(rng)
         noise_scale = choice_temperature * (1. - ratio)
-        confidence = jnp.log(selected) + noise_scale * token_sampling.gumbel(choice_rng, selected.shape)
+        noise = token_sampling.gumbel(choice_rng, selected.shape)
+        confidence = jnp.log(selected) + noise_scale * noise
         cut_off = jnp.take_along_axis(jnp.sort(confidence, axis=-1),
                                       mask_len.astype(jnp.int32), axis=-1)
         remask = confidence < cut_off

@@ -76,7 +76,8 @@ def recap_plan(num_steps: int, full_only_steps: int, cheap_steps: int, schedule:
         rows.update({start: phase.rows for start in phase.starts})
     tokens = tuple(int(counts[num_unknown, list(group)].sum()) for group in groups)
     return RecapPlan(groups=tuple(groups), group_tokens=tokens,
-                     cheap_rows=tuple(1 + rows[group[0]] if len(group) > 1 else 0 for group in groups),
+                     cheap_rows=tuple(1 + rows[group[0]] if len(group) > 1 else 0
+                                      for group in groups),
                      num_full=len(groups), num_cheap=sum(len(group) - 1 for group in groups))
 
 

@@ -125,7 +125,7 @@ def remaining_table(name: str, max_unknown: int, num_steps: int, start_step: int
 
 
 def count_table(name: str, max_unknown: int, num_steps: int, start_step: int = 0) -> np.ndarray:
-    """Tokens revealed at each step for every N in [0, max_unknown]: int32 [N + 1, T], rows sum to N."""
+    """Tokens revealed per step for every N in [0, max_unknown]: int32 [N + 1, T], rows sum to N."""
     remaining = remaining_table(name, max_unknown, num_steps, start_step)
     before = np.concatenate(
         [np.arange(max_unknown + 1, dtype=np.int32)[:, None], remaining[:, :-1]], axis=1)
@@ -177,7 +177,8 @@ def guidance_scales(name: str, scale: float, num_steps: int) -> np.ndarray:
     elif name == "pow-cosine":
         shape = (1. - np.cos(math.pi * progress ** POW_COSINE_EXPONENT)) / 2.
     else:
-        raise ValueError(f"unknown guidance schedule {name!r}; expected one of {GUIDANCE_SCHEDULES}")
+        raise ValueError(
+            f"unknown guidance schedule {name!r}; expected one of {GUIDANCE_SCHEDULES}")
     return (1. + (scale - 1.) * shape).astype(np.float32)
 
 
