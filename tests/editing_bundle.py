@@ -1,4 +1,6 @@
-"""A tiny random model bundle for the editing tests: 8x8 grey images, 4x4 tokens (f = 2)."""
+"""Tiny random models for the editing tests: in-memory bundles and saved checkpoints."""
+import os
+import pathlib
 import types
 
 import jax
@@ -7,10 +9,15 @@ import ml_collections
 import numpy as np
 from flax.core import meta
 
+from maskgen import builders
+from maskgen import checkpoint as ckpt_lib
+from maskgen import config_io
+from maskgen.models.layout import seq_len
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import VQGAN
 from maskgen.tokens import TokenLayout
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLING = dict(steps=4, schedule="cosine", choice_temperature=4.5, temperature=1.0, top_k=0,
                 top_p=1.0, guidance_scale=1.0, guidance_schedule="constant", order="confidence",
                 recap_full_only_steps=0, recap_cheap_per_full=0)
@@ -58,3 +65,28 @@ def sample_image(seed: int = 0, shape=(8, 8)) -> np.ndarray:
     rng = np.random.RandomState(seed)
     ramp = np.add.outer(np.arange(shape[0]), np.arange(shape[1])) * (255.0 / sum(shape))
     return np.clip(ramp + rng.randint(-40, 40, shape), 0, 255).astype(np.uint8)
+
+
+def _save_stage(stage_dir, params):
+    ckpt = ckpt_lib.StageCheckpoints(str(stage_dir))
+    ckpt.save(1, {"step": jnp.int32(1), "params": params, "ema_params": params},
+              {"kind": "sampler", "position": 1})
+    ckpt.wait()
+    ckpt.close()
+
+
+def save_small_checkpoint(root) -> pathlib.Path:
+    """A training workdir with the default job's layout (Fashion-MNIST config: 28x28x1 images,
+    7x7 tokens) but narrow random networks, saved the way training saves them."""
+    root = pathlib.Path(root)
+    cfg = config_io.load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+    cfg.tokenizer.update(dict(codebook_size=32, embedding_dim=8, filters=8, norm_groups=4))
+    cfg.transformer.update(dict(num_layers=1, hidden_size=32, num_heads=2, mlp_dim=64))
+    cfg.sampling.steps = 4
+    config_io.write_config(cfg, os.fspath(root))
+    size, channels = int(cfg.image_size), int(cfg.image_channels)
+    _save_stage(root / "tokenizer", random_params(builders.tokenizer_model(cfg),
+                                                  jnp.zeros((1, size, size, channels)), seed=0))
+    _save_stage(root / "transformer", random_params(builders.transformer_model(cfg),
+                                                    jnp.zeros((1, seq_len(cfg)), jnp.int32), seed=1))
+    return root

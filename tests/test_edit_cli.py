@@ -114,3 +114,4 @@ def test_bad_input_raises_and_writes_nothing(bundle, files, tmp_path, argv, mess
     with pytest.raises(ValueError, match=message):
         edit_cli.run_edit(bundle, parse(argv + [f"--out={out}"]))
     assert not out.exists()
+
