@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.kind} to {stage_dir} (config {os.path.join(os.path.dirname(stage_dir), 'config.json')})")
+    config_path = os.path.join(os.path.dirname(stage_dir), "config.json")
+    print(f"wrote {args.kind} to {stage_dir} (config {config_path})")
     return 0
 
 

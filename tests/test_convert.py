@@ -1,4 +1,4 @@
-"""python -m maskgen.convert: official checkpoints -> a maskgen workdir that load / sample.py / editing read."""
+"""python -m maskgen.convert: official checkpoints -> a workdir that load, sample.py and editing read."""
 import json
 import os
 import subprocess
@@ -63,7 +63,8 @@ def test_loaded_bundle_holds_the_official_weights(loaded, official_small):
     assert loaded.token_grid == (8, 8) and loaded.image_shape == (128, 128, 3)
     assert loaded.layout.codebook_size == 64 and loaded.layout.mask_id == 74
     for kind in ("tokenizer", "transformer"):
-        want = flax.traverse_util.flatten_dict(official.read_official(_official(official_small, kind))["params"])
+        want = official.read_official(_official(official_small, kind))["params"]
+        want = flax.traverse_util.flatten_dict(want)
         got = flax.traverse_util.flatten_dict(jax.device_get(loaded.params[kind]))
         assert sorted(got) == sorted(want)
         for path in want:
@@ -84,7 +85,8 @@ def test_editing_api_reproduces_the_official_class_edit(loaded, official_small):
     out = editing.inpaint(loaded, image, (top, left, 64, 64), int(official_small["edit_label"]),
                           seed=official_small["edit_rng"], paste_back=False,
                           decode_config=DecodeConfig.official_maskgit(steps=12, start_step=2))
-    np.testing.assert_array_equal(out.tokens_after, official_small["edit_final_seqs"][0, -1, 1:].reshape(8, 8))
+    want = official_small["edit_final_seqs"][0, -1, 1:].reshape(8, 8)
+    np.testing.assert_array_equal(out.tokens_after, want)
     assert _rel(out.generated, np.clip(official_small["edit_images_first1"][0], 0, 1)) < 1e-4
 
 
@@ -173,7 +175,8 @@ def test_imagenet_configs_match_the_official_architecture():
         params = flax.core.meta.unbox(shapes)["params"]
         assert params["Embed_0"]["word_embeddings"]["embedding"].shape == (2025, 768)
         assert params["Embed_0"]["position_embeddings"]["embedding"].shape == (length, 768)
-        assert params["TransformerLayer_23"]["Attention_0"]["self_attention"]["query"]["kernel"].shape == (768, 16, 48)
+        attention = params["TransformerLayer_23"]["Attention_0"]["self_attention"]
+        assert attention["query"]["kernel"].shape == (768, 16, 48)
         assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)) == count
     # Both resolutions share the tokenizer architecture.
     tok = convert.build_model("tokenizer", cfg)

@@ -47,7 +47,8 @@ def generated(transformer, official_small):
 
 def test_load_transformer_infers_architecture_and_reproduces_logits(transformer, official_small):
     m = transformer.model
-    assert (m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim, m.max_len) == (75, 64, 2, 2, 256, 65)
+    assert (m.vocab_size, m.hidden_size, m.num_layers, m.num_heads, m.mlp_dim, m.max_len) == (
+        75, 64, 2, 2, 256, 65)
     assert transformer.layout.codebook_size == 64 and transformer.layout.mask_id == 74
     assert transformer.token_grid == (8, 8)
     logits = np.asarray(transformer.logits(official_small["tf_input_ids"]))
@@ -62,7 +63,8 @@ def test_load_transformer_infers_architecture_and_reproduces_logits(transformer,
     np.testing.assert_allclose(np.asarray(direct), logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("layers,hidden,heads,mlp,length,vocab", [(3, 32, 4, 48, 17, 30), (1, 16, 1, 64, 5, 9)])
+@pytest.mark.parametrize("layers,hidden,heads,mlp,length,vocab",
+                         [(3, 32, 4, 48, 17, 30), (1, 16, 1, 64, 5, 9)])
 def test_transformer_shapes_determine_the_architecture(layers, hidden, heads, mlp, length, vocab):
     model = Transformer(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
                         mlp_dim=mlp, max_len=length)
@@ -124,7 +126,8 @@ def test_load_tokenizer_infers_architecture_and_reproduces_reference(tokenizer, 
     decoded = np.asarray(tokenizer.decode(official_small["tok_encode_indices"]))
     assert decoded.shape == (2, 128, 128, 3) and decoded.dtype == np.float32
     assert _rel(decoded, official_small["tok_decode_from_encode"]) < 1e-4
-    assert _rel(tokenizer.decode(official_small["tok_rand_ids"]), official_small["tok_decode_from_rand"]) < 1e-4
+    random_images = tokenizer.decode(official_small["tok_rand_ids"])
+    assert _rel(random_images, official_small["tok_decode_from_rand"]) < 1e-4
 
 
 @pytest.mark.parametrize("fields", [
