@@ -80,7 +80,7 @@ def test_pytorch_fid_state_dict_converts_with_bn_scale_and_logits(torch_ts, weig
     model, params = inception.load_inception(out)
     _, ts_params = inception.load_inception(weights_file)
     assert model.num_logits == 1008
-    flat, ts_flat = convert_inception.flatten(params), convert_inception.flatten(ts_params)
+    flat, ts_flat = inception.flatten_params(params), inception.flatten_params(ts_params)
     assert set(flat) - set(ts_flat) == {"fc/kernel", "fc/bias"}
     for key, value in ts_flat.items():
         np.testing.assert_allclose(flat[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -12,12 +12,14 @@ an `.npz` whose keys are `/`-joined parameter paths (`Mixed_5b/branch1x1/kernel`
     python -m maskgen.eval.convert_inception --torchscript default --out inception.npz
     python -m maskgen.eval.convert_inception --state_dict pt_inception-2015-12-05-6726825d.pth --out inception.npz
 
-Needs torch only here; `load_params` reads the result with numpy alone.
+Needs torch only here; `inception.load_inception` reads the result without it.
 """
 import argparse
 import os
 
 import numpy as np
+
+from maskgen.eval import inception
 
 BN_EPS = 1e-3
 
@@ -80,6 +82,7 @@ def _fold(weight, bias_beta, mean, var, gamma=None):
 
 
 def _set(tree, path, value):
+    """tree['a']['b'] = value for path 'a/b'."""
     *parents, leaf = path.split("/")
     for key in parents:
         tree = tree.setdefault(key, {})
@@ -118,55 +121,6 @@ def params_from_torchvision_state(state):
         params["fc"] = {"kernel": np.asarray(state["fc.weight"], np.float32).T.copy(),
                         "bias": np.asarray(state["fc.bias"], np.float32)}
     return params
-
-
-def check_params(params):
-    """Raises ValueError unless `params` has exactly the InceptionV3 tree and shapes."""
-    from maskgen.eval.inception import inception_params_shapes
-    num_logits = params["fc"]["kernel"].shape[1] if "fc" in params else None
-    expected = flatten(inception_params_shapes(num_logits))
-    got = flatten(params)
-    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or extra:
-        raise ValueError(f"Inception params do not match the model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]} ({len(missing)} / {len(extra)} in all)")
-    for key, shape in expected.items():
-        if tuple(got[key].shape) != tuple(shape.shape):
-            raise ValueError(f"Inception param {key}: shape {got[key].shape}, model wants {shape.shape}")
-    return params
-
-
-def flatten(tree, prefix=""):
-    """Nested dict -> {'a/b/kernel': leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat):
-    tree = {}
-    for path, value in flat.items():
-        _set(tree, path, value)
-    return tree
-
-
-def save_params(path, params):
-    np.savez(path, **{k: np.asarray(v) for k, v in flatten(check_params(params)).items()})
-
-
-def load_params(path):
-    """Reads a converted weights file -> nested dict of float32 numpy arrays (shape-checked)."""
-    if not os.path.exists(path):
-        raise ValueError(f"Inception weights file not found: {path} (make one with "
-                         "`python -m maskgen.eval.convert_inception --torchscript default --out FILE`)")
-    with np.load(path) as data:
-        params = unflatten({key: data[key].astype(np.float32) for key in data.files})
-    return check_params(params)
 
 
 def _torch():
@@ -211,8 +165,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output .npz")
     args = parser.parse_args(argv)
     params = convert_torchscript(args.torchscript) if args.torchscript else convert_state_dict(args.state_dict)
-    save_params(args.out, params)
-    count = sum(v.size for v in flatten(params).values())
+    inception.save_params(args.out, params)
+    count = sum(v.size for v in inception.flatten_params(params).values())
     print(f"wrote {args.out}: {count:,} parameters, logits layer: {'fc' in params}")
 
 

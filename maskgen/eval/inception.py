@@ -10,12 +10,14 @@ Inputs: NHWC, 299x299, scaled like the TF graph, (x - 128) / 128 for 8-bit
 x, i.e. [-1, 0.9921875]. `preprocess` takes uint8 images of any size there.
 """
 import functools
+import os
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from maskgen import axes
 from maskgen.eval import features as features_lib
@@ -232,12 +234,46 @@ def inception_params_shapes(num_logits: Optional[int] = None):
     return nn.unbox(variables["params"])
 
 
+def flatten_params(params):
+    """Nested dict -> {'Mixed_5b/branch1x1/kernel': array}: the weights file's keys."""
+    return traverse_util.flatten_dict(params, sep="/")
+
+
+def check_params(params):
+    """Raises ValueError unless `params` has exactly the InceptionV3 tree and shapes."""
+    num_logits = params["fc"]["kernel"].shape[1] if "fc" in params else None
+    expected = flatten_params(inception_params_shapes(num_logits))
+    got = flatten_params(params)
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"Inception params do not match the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]} ({len(missing)} / {len(extra)} in all)")
+    for key, shape in expected.items():
+        if tuple(got[key].shape) != tuple(shape.shape):
+            raise ValueError(f"Inception param {key}: shape {got[key].shape}, model wants {shape.shape}")
+    return params
+
+
+def save_params(path, params):
+    """Writes the weights file: an `.npz` keyed by `/`-joined parameter paths."""
+    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten_params(check_params(params)).items()})
+
+
+def load_params(path):
+    """Reads a weights file -> nested dict of float32 arrays, shape-checked against the model."""
+    if not os.path.exists(path):
+        raise ValueError(f"Inception weights file not found: {path} (make one with "
+                         "`python -m maskgen.eval.convert_inception --torchscript default --out FILE`)")
+    with np.load(path) as data:
+        flat = {key: data[key].astype(np.float32) for key in data.files}
+    return check_params(traverse_util.unflatten_dict(flat, sep="/"))
+
+
 def load_inception(path):
     """Weights `.npz` from `convert_inception` -> (InceptionV3 module, params).
 
     The module has logits (for IS) only when the file carries the `fc` layer.
     """
-    from maskgen.eval.convert_inception import load_params  # conversion owns the file format
     params = load_params(path)
     num_logits = params["fc"]["kernel"].shape[1] if "fc" in params else None
     return InceptionV3(num_logits=num_logits), params
