@@ -1,4 +1,5 @@
 """sample.py --edit (maskgen.edit_cli): files written, same result as the API, bad input writes nothing."""
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -6,6 +7,15 @@ from PIL import Image
 
 from editing_bundle import sample_image, tiny_bundle
 from maskgen import edit_cli, editing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """Tiny models: XLA's optimisation passes cost more than they save here."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @pytest.fixture(scope="module")
