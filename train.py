@@ -5,7 +5,9 @@
 
 Overrides apply to every stage unless a stage block (`tokenizer_train.*`,
 `transformer_train.*`) sets its own value. Rerunning the same command resumes
-from the latest readable checkpoint of each stage.
+from the latest readable checkpoint of each stage. Multi-process runs (several
+GPU hosts, TPU pods) set `--config.distributed=True`; every process runs the
+same command with the same WORKDIR on a filesystem all hosts share.
 """
 import logging
 import os
@@ -27,11 +29,17 @@ def main(argv):
     import jax
     cfg = FLAGS.config
     if cfg.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # coordinator/process ids from the environment (SLURM, TPU pods)
+        # SLURM, Open MPI and TPU pods are detected by JAX; a manual launch sets
+        # JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+        jax.distributed.initialize(**{
+            arg: int(os.environ[env]) for arg, env in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                       ("process_id", "JAX_PROCESS_ID"))
+            if env in os.environ})
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain chatter
     logging.getLogger("maskgen").setLevel(logging.INFO)
-    logging.getLogger("maskgen").info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].platform)
+    log = logging.getLogger("maskgen")
+    log.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__, jax.process_index(),
+             jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     from maskgen import trainer
     trainer.train_and_evaluate(cfg, FLAGS.workdir)
 

@@ -9,9 +9,10 @@ directory; step `S` is saved atomically as `WORKDIR/<stage>/<S>/` with two items
         ema_params    EMA of params, same tree (used for sampling)
         opt_state     optax state (clip + AdamW: count, mu, nu trees)
         disc_params, disc_opt_state, lecam_ema      tokenizer stage only
-    data/    (orbax JsonSave) the input position, e.g.
-        {"kind": "grain", "state": <grain iterator state>} or
-        {"kind": "sampler", "position": <examples consumed per process>}
+    data/    (orbax JsonSave) the input position of every process:
+        {"process_count": n, "per_process": [state_0, ..., state_n-1]} with
+        state_i = {"kind": "grain", "state": <grain iterator state JSON>} or
+                  {"kind": "sampler", "position": <global batches taken>, ...}
 
 Plain orbax reads it without maskgen:
 `ocp.CheckpointManager(dir).restore(step)["state"]["ema_params"]`.

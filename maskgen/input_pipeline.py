@@ -17,6 +17,7 @@ per epoch from (seed, epoch); global batch k takes positions [k*B, (k+1)*B) of
 that endless stream and process p its p-th contiguous part. The state is just
 the number of batches taken, so resuming is exact.
 """
+import json
 from typing import Dict, Optional
 
 import jax
@@ -213,7 +214,8 @@ class GrainImages:
 
     def __next__(self):
         batch = next(self._it)
-        return {"image": np.asarray(batch["image"], np.float32), "label": np.asarray(batch["label"], np.int32)}
+        return {"image": np.asarray(batch["image"], np.float32),
+                "label": np.asarray(batch["label"], np.int32)}
 
     def get_state(self):
         return {"kind": "grain", "state": self._it.get_state().decode()}
@@ -234,3 +236,34 @@ def image_iterator(cfg, global_batch: int, seed: int):
         raise ValueError("dataset 'synthetic_tokens' has no images: it can only feed the transformer stage")
     return GrainImages(ds, global_batch, seed, cfg.image_size, cfg.image_channels)
 
+
+
+def gather_states(state: Dict) -> Dict:
+    """Every process's iterator state, for the checkpoint's `data` item (written by process 0).
+
+    grain states differ between processes (each reads its own shard), so all of
+    them are collected; this syncs the hosts and runs only when saving.
+    """
+    if jax.process_count() == 1:
+        return {"process_count": 1, "per_process": [state]}
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    states = [json.loads(bytes(rows[i][:int(lengths[i][0])]).decode()) for i in range(len(rows))]
+    return {"process_count": jax.process_count(), "per_process": states}
+
+
+def local_state(saved: Dict) -> Dict:
+    """This process's iterator state out of `gather_states`' record."""
+    if "per_process" not in saved:
+        raise ValueError(f"unrecognised input state in the checkpoint: {sorted(saved)}")
+    states = saved["per_process"]
+    if len(states) == jax.process_count():
+        return states[jax.process_index()]
+    if all(s == states[0] for s in states) and states[0].get("kind") == "sampler":
+        return states[0]  # in-memory samplers keep one global position
+    raise ValueError(f"the input position was saved by {len(states)} processes and cannot be split over "
+                     f"{jax.process_count()}: resume with the same number of processes")

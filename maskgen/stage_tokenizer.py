@@ -1,13 +1,11 @@
 """Tokenizer stage: VQGAN + discriminator training on images.
 
-The discriminator is built from `cfg.discriminator`: module fields
-(`channel_base`, `max_channels`, `blur_resample`, `conv_impl`) are passed
-through; the config's `filters` / `channel_multipliers` give the width at full
-resolution (filters * multipliers[0]) and the cap (filters * max(multipliers)).
-A perceptual loss runs when `perceptual_weight > 0`; its feature network is the
+Models come from `maskgen.builders` (see there how `cfg.discriminator` maps
+onto the discriminator). A perceptual loss runs when `perceptual_weight > 0`; its feature network is the
 Inception-v3 of `maskgen.eval` loaded from the `.npz` named by
 `perceptual_weights` (pool features; no LPIPS weights ship offline).
 """
+import functools
 import logging
 import os
 
@@ -23,30 +21,11 @@ from maskgen import sharding as shd
 from maskgen import train_state
 from maskgen import train_step_tokenizer as tts
 from maskgen import trainer
-from maskgen.stage_transformer import tokenizer_model
+from maskgen.builders import discriminator_model, tokenizer_model
 
 log = logging.getLogger(__name__)
 
 STAGE = "tokenizer"
-_DISC_FIELDS = ("channel_base", "max_channels", "blur_resample", "conv_impl")
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
-
-
-def discriminator_model(cfg):
-    from maskgen.models.discriminator import Discriminator
-    d = cfg.discriminator.to_dict()
-    kwargs = {k: d[k] for k in _DISC_FIELDS if k in d}
-    if "channel_base" not in kwargs and "filters" in d:
-        mults = list(d.get("channel_multipliers") or [1])
-        kwargs["channel_base"] = int(d["filters"] * mults[0] * _next_pow2(cfg.image_size))
-        kwargs["max_channels"] = int(d["filters"] * max(mults))
-    return Discriminator(image_size=cfg.image_size, image_channels=cfg.image_channels,
-                         dtype=jnp.dtype(cfg.tokenizer.get("dtype", "float32")), **kwargs)
-
-
 def perceptual_features(tcfg):
     """Feature function for the perceptual loss, or None when it is off."""
     if not tcfg.perceptual_weight:
@@ -64,22 +43,27 @@ def perceptual_features(tcfg):
     return features
 
 
-def make_reconstructor(vqgan, num: int = 8):
-    """(state, step) -> grid: first row the inputs, second row their EMA reconstructions."""
-    @jax.jit
+def make_reconstructor(vqgan, mesh, num: int = 8):
+    """(sample_fn, fixed): sample_fn(state, step) -> grid of inputs over EMA reconstructions.
+
+    The inputs are the first `num` rows of the first global batch, stored in
+    `fixed["images"]` by the caller; the result is replicated, so every host
+    can read it (process 0 writes it).
+    """
+    @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
     def reconstruct(params, images):
-        return vqgan.apply({"params": params}, images)[0]
+        images = images[:num]
+        return images, vqgan.apply({"params": params}, images)[0]
 
     fixed = {}
 
     def sample(state, step):
-        images = fixed["images"]
-        recon = np.asarray(jax.device_get(reconstruct(state.ema_params, images)))
+        images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
         return logging_utils.image_grid(np.concatenate([images, recon]), cols=len(images))
-    return sample, fixed, num
+    return sample, fixed
 
 
-def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
+def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
     """The tokenizer stage's StageRun (state restored from WORKDIR/tokenizer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     vqgan, disc = tokenizer_model(cfg), discriminator_model(cfg)
@@ -106,23 +90,21 @@ def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
     else:
         tree, data_state, step = restored
         state = train_state.TrainState.from_tree(tree)
-        data_iter.set_state(data_state)
+        data_iter.set_state(input_pipeline.local_state(data_state))
         log.info("%s: resumed from step %d", STAGE, step)
 
-    sample_fn, fixed, num = make_reconstructor(vqgan)
+    sample_fn, fixed = make_reconstructor(vqgan, mesh)
     batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
 
     def next_batch():
-        local = next(data_iter)
-        if "images" not in fixed:
-            fixed["images"] = local["image"][:num]
-        return shd.global_batch(local, mesh)
+        batch = shd.global_batch(next(data_iter), mesh)
+        fixed.setdefault("images", batch["image"])  # never donated: the step donates only the state
+        return batch
 
-    jitted = shd.jit_sharded(step_fn, (shardings, batch_sh, shd.replicated(mesh)),
+    jitted = shd.jit_sharded(trainer.with_key(step_fn, seed, 6), (shardings, batch_sh),
                              (shardings, shd.replicated(mesh)), donate_argnums=(0,))
-    key = jax.device_put(jax.random.fold_in(jax.random.key(seed), 6), shd.replicated(mesh))
     return trainer.StageRun(
         name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
-        data_iter=data_iter, checkpoints=checkpoints, key=key, num_steps=num_steps,
+        data_iter=data_iter, checkpoints=checkpoints, num_steps=num_steps,
         checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
         sample_fn=sample_fn)

@@ -8,6 +8,7 @@ Token source, in order of preference:
 The tokenizer is read from `transformer_train.tokenizer_workdir` (default: this
 WORKDIR), latest readable step of its `tokenizer/` directory, EMA parameters only.
 """
+import functools
 import logging
 import os
 from typing import Optional
@@ -26,18 +27,12 @@ from maskgen import token_cache
 from maskgen import train_state
 from maskgen import train_step_transformer as tst
 from maskgen import trainer
+from maskgen.builders import tokenizer_model, transformer_model
 from maskgen.models.layout import seq_len, token_grid, token_layout
-from maskgen.models.transformer import build_transformer
 
 log = logging.getLogger(__name__)
 
 STAGE = "transformer"
-
-
-def tokenizer_model(cfg):
-    from maskgen.models import vqgan
-    block = dict(cfg.tokenizer.to_dict(), image_channels=cfg.image_channels)
-    return vqgan.build_tokenizer(block)
 
 
 def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
@@ -52,7 +47,7 @@ def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
 
 
 def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
-    """(tokenizer module, EMA params sharded on `mesh`, step) from the tokenizer stage directory."""
+    """(tokenizer module, EMA params sharded on `mesh`, stage directory, step)."""
     source = cfg.transformer_train.get("tokenizer_workdir") or workdir
     stage_dir = os.path.join(source, "tokenizer")
     if not os.path.isdir(stage_dir):
@@ -63,7 +58,7 @@ def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
     model, target = tokenizer_param_target(cfg, mesh, rules)
     tree, step = ckpt_lib.restore_subtree(stage_dir, target)
     log.info("tokenizer: EMA parameters of step %d from %s", step, stage_dir)
-    return model, tree["ema_params"], step
+    return model, tree["ema_params"], stage_dir, step
 
 
 def _encoder(tokenizer, params, mesh):
@@ -90,8 +85,11 @@ def decode_config(cfg, layout):
         guidance_schedule=s.guidance_schedule, order=s.order, grid_shape=tuple(token_grid(cfg)))
 
 
-def make_sampler(cfg, model, layout, tokenizer, tok_params, num: int = 8):
-    """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params."""
+def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
+    """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params.
+
+    The images come back replicated, so every host can read them (process 0 writes).
+    """
     from maskgen.scheduler import decode
     config = decode_config(cfg, layout)
     h, w = token_grid(cfg)
@@ -99,7 +97,7 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, num: int = 8):
     ids = np.full((num, 1 + h * w), layout.mask_id, np.int32)
     ids[:, 0] = np.asarray(layout.class_token(labels))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
     def generate(params, tparams, ids, key):
         def logits_fn(x):
             return model.apply({"params": params}, x, num_logits=layout.codebook_size)
@@ -112,11 +110,11 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, num: int = 8):
     return sample
 
 
-def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
+def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
     """The transformer stage's StageRun (state restored from WORKDIR/transformer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     layout, length, grid = token_layout(cfg), seq_len(cfg), token_grid(cfg)
-    model = build_transformer(cfg.transformer, layout, length)
+    model = transformer_model(cfg)
     batch = int(scfg.batch_size)
     if batch % shd.batch_divisor(mesh):
         raise ValueError(f"transformer batch_size {batch} is not divisible by the "
@@ -147,17 +145,18 @@ def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
             num_tokens, layout.codebook_size)
         encode = None
     else:
-        tokenizer, tok_params, tok_step = load_tokenizer(cfg, workdir, mesh, rules)
+        tokenizer, tok_params, tok_dir, tok_step = load_tokenizer(cfg, workdir, mesh, rules)
         encode = _encoder(tokenizer, tok_params, mesh)
         if scfg.pretokenize:
-            arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, batch, grid, tok_step)
+            arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, batch, grid, tok_dir, tok_step,
+                                               check_stop=stop.check if stop is not None else None)
             data_iter = input_pipeline.TokenCache(arrays["tokens"], arrays["labels"], batch, data_seed,
                                                   arrays.get("tokens_flipped"))
             encode = None
         else:
             data_iter = input_pipeline.image_iterator(cfg, batch, data_seed)
     if data_state is not None:
-        data_iter.set_state(data_state)
+        data_iter.set_state(input_pipeline.local_state(data_state))
 
     def next_batch():
         local = next(data_iter)
@@ -168,14 +167,13 @@ def build(cfg, scfg, workdir: str, mesh) -> trainer.StageRun:
         return {"tokens": tokens, "label": shd.global_batch({"label": local["label"]}, mesh)["label"]}
 
     batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "label": shd.batch_sharding(mesh, 1)}
-    jitted = shd.jit_sharded(step_fn, (shardings, batch_sh, shd.replicated(mesh)),
+    jitted = shd.jit_sharded(trainer.with_key(step_fn, seed, 3), (shardings, batch_sh),
                              (shardings, shd.replicated(mesh)), donate_argnums=(0,))
     sample_fn: Optional[object] = None
     if tokenizer is not None:
-        sample_fn = make_sampler(cfg, model, layout, tokenizer, tok_params)
-    key = jax.device_put(jax.random.fold_in(jax.random.key(seed), 3), shd.replicated(mesh))
+        sample_fn = make_sampler(cfg, model, layout, tokenizer, tok_params, mesh)
     return trainer.StageRun(
         name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
-        data_iter=data_iter, checkpoints=checkpoints, key=key, num_steps=int(scfg.num_train_steps),
+        data_iter=data_iter, checkpoints=checkpoints, num_steps=int(scfg.num_train_steps),
         checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
         tokens_per_example=length, sample_fn=sample_fn)

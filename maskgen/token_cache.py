@@ -5,7 +5,7 @@ split (stored order, no augmentation):
     tokens          int32 [N, h*w]   codebook ids, row-major token grid
     tokens_flipped  int32 [N, h*w]   tokens of the mirrored images (when random_flip)
     labels          int32 [N]
-    meta            JSON: dataset, image size, token grid, tokenizer step
+    meta            JSON: dataset, image size, token grid, tokenizer directory and step
 A file whose meta differs from the current run (e.g. a retrained tokenizer)
 is rebuilt; otherwise it is reused as is.
 """
@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import jax
 import numpy as np
+import tqdm
 
 from maskgen import input_pipeline
 from maskgen import sharding as shd
@@ -28,12 +29,14 @@ def cache_path(workdir: str) -> str:
                         f"train-{jax.process_index():05d}-of-{jax.process_count():05d}.npz")
 
 
-def _meta(cfg, grid, tokenizer_step) -> Dict:
-    return dict(dataset=str(cfg.dataset.name), split=str(cfg.dataset.train_split),
-                image_size=int(cfg.image_size), channels=int(cfg.image_channels),
-                grid=list(grid), tokenizer_step=int(tokenizer_step),
-                flipped=bool(cfg.dataset.random_flip), seed=int(cfg.seed),
-                synthetic_examples=int(cfg.dataset.get("synthetic_examples", 0)))
+def _meta(cfg, grid, tokenizer_dir, tokenizer_step) -> Dict:
+    meta = dict(dataset=str(cfg.dataset.name), data_dir=cfg.dataset.data_dir,
+                split=str(cfg.dataset.train_split), image_size=int(cfg.image_size),
+                channels=int(cfg.image_channels), grid=list(grid), tokenizer_dir=str(tokenizer_dir),
+                tokenizer_step=int(tokenizer_step), flipped=bool(cfg.dataset.random_flip))
+    if cfg.dataset.name == input_pipeline.SYNTHETIC:  # generated from the seed
+        meta.update(seed=int(cfg.seed), synthetic_examples=int(cfg.dataset.synthetic_examples))
+    return meta
 
 
 def _local_image_batches(cfg, batch: int) -> Iterator[Dict[str, np.ndarray]]:
@@ -47,7 +50,8 @@ def _local_image_batches(cfg, batch: int) -> Iterator[Dict[str, np.ndarray]]:
             pairs = [input_pipeline.synthetic_image(cfg.seed, i, cfg.num_classes, cfg.image_size,
                                                     cfg.image_channels)
                      for i in range(lo, min(lo + batch, start + per))]
-            yield {"image": np.stack([p[0] for p in pairs]), "label": np.array([p[1] for p in pairs], np.int32)}
+            yield {"image": np.stack([p[0] for p in pairs]),
+                   "label": np.array([p[1] for p in pairs], np.int32)}
         return
     grain_it = input_pipeline.GrainImages(ds, batch * jax.process_count(), cfg.seed, cfg.image_size,
                                           cfg.image_channels, num_epochs=1, shuffle=False,
@@ -55,19 +59,37 @@ def _local_image_batches(cfg, batch: int) -> Iterator[Dict[str, np.ndarray]]:
     yield from grain_it
 
 
-def _encode_all(batches, encode_fn: Callable, mesh, local_batch: int, flip: bool):
+def _encode_all(batches, encode_fn: Callable, mesh, local_batch: int, flip: bool,
+                check_stop: Optional[Callable[[], None]] = None):
+    """Encodes every batch; batch k+1 is read while batch k is encoded (one batch in flight)."""
     tokens, flipped, labels = [], [], []
+    bar = tqdm.tqdm(desc="pre-tokenising", unit="img", disable=jax.process_index() != 0, mininterval=2.0)
+
+    def collect(pending):
+        codes, n, label = pending
+        rows = [shd.local_rows(c)[:n].reshape(n, -1) for c in codes]
+        tokens.append(rows[0])
+        if flip:
+            flipped.append(rows[1])
+        labels.append(label)
+        bar.update(n)
+
+    pending = None
     for batch in batches:
+        if check_stop is not None:
+            check_stop()  # preemption: give up now, the cache is rebuilt on restart
         images, n = batch["image"], len(batch["image"])
         pad = np.zeros((local_batch - n,) + images.shape[1:], images.dtype)
         views = [np.concatenate([images, pad])]
         if flip:
             views.append(views[0][:, :, ::-1])
-        codes = [shd.local_rows(encode_fn(shd.global_batch(v, mesh)))[:n] for v in views]
-        tokens.append(codes[0].reshape(n, -1))
-        if flip:
-            flipped.append(codes[1].reshape(n, -1))
-        labels.append(batch["label"])
+        codes = [encode_fn(shd.global_batch(v, mesh)) for v in views]  # dispatched, not awaited
+        if pending is not None:
+            collect(pending)
+        pending = (codes, n, batch["label"])
+    if pending is not None:
+        collect(pending)
+    bar.close()
     if not tokens:
         raise ValueError("the training split gave no examples to pre-tokenise")
     out = dict(tokens=np.concatenate(tokens).astype(np.int32),
@@ -78,13 +100,14 @@ def _encode_all(batches, encode_fn: Callable, mesh, local_batch: int, flip: bool
 
 
 def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: int, grid,
-                  tokenizer_step: int) -> Dict[str, Optional[np.ndarray]]:
+                  tokenizer_dir: str, tokenizer_step: int,
+                  check_stop: Optional[Callable[[], None]] = None) -> Dict[str, Optional[np.ndarray]]:
     """Tokens of this process's shard of the train split, encoded once and cached on disk.
 
     `encode_fn(global images) -> global token ids [B, h, w]` (jitted, batch-sharded).
     """
     path = cache_path(workdir)
-    meta = _meta(cfg, grid, tokenizer_step)
+    meta = _meta(cfg, grid, os.path.abspath(tokenizer_dir), tokenizer_step)
     if os.path.exists(path):
         with np.load(path) as f:
             if json.loads(str(f["meta"])) == meta:
@@ -93,7 +116,7 @@ def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: in
         log.warning("token cache %s was built for another setup; rebuilding it", path)
     local_batch = input_pipeline.local_batch_size(global_batch)
     arrays = _encode_all(_local_image_batches(cfg, local_batch), encode_fn, mesh, local_batch,
-                         bool(cfg.dataset.random_flip))
+                         bool(cfg.dataset.random_flip), check_stop)
     bad = arrays["labels"][(arrays["labels"] < 0) | (arrays["labels"] >= cfg.num_classes)]
     if bad.size:
         raise ValueError(f"label {int(bad[0])} in the training split is outside the config's "

@@ -26,12 +26,14 @@ REGULARIZERS = ("r1", "lecam", "none")
 
 def check_train_config(tcfg):
     if tcfg.regularizer not in REGULARIZERS:
-        raise ValueError(f"tokenizer_train.regularizer must be one of {REGULARIZERS}, got {tcfg.regularizer!r}")
+        raise ValueError(f"tokenizer_train.regularizer must be one of {REGULARIZERS}, "
+                         f"got {tcfg.regularizer!r}")
     if tcfg.gan_loss not in vq_losses.GAN_LOSS_KINDS:
         raise ValueError(f"tokenizer_train.gan_loss must be one of {vq_losses.GAN_LOSS_KINDS}, "
                          f"got {tcfg.gan_loss!r}")
     if tcfg.l1_weight < 0 or tcfg.l2_weight < 0 or tcfg.l1_weight + tcfg.l2_weight == 0:
-        raise ValueError(f"need a reconstruction loss: l1_weight={tcfg.l1_weight}, l2_weight={tcfg.l2_weight}")
+        raise ValueError(f"need a reconstruction loss: l1_weight={tcfg.l1_weight}, "
+                         f"l2_weight={tcfg.l2_weight}")
     if tcfg.disc_start_step < 0:
         raise ValueError(f"tokenizer_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")
 
@@ -45,6 +47,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     percept_w = float(tcfg.perceptual_weight) if features_fn is not None else 0.0
     gan_kind, regularizer = tcfg.gan_loss, tcfg.regularizer
     last_layer = vqgan.last_layer_name
+    use_gan = gan_w > 0  # gan_weight 0: no discriminator work at all (it stays at its init)
 
     def disc_apply(params, images):
         return disc.apply({"params": params}, images)
@@ -59,7 +62,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
 
     def gan_weight(params, images, disc_params):
         """Adaptive: ratio of the two losses' gradient norms at the decoder's output conv."""
-        if not tcfg.adaptive_gan_weight:
+        if not (use_gan and tcfg.adaptive_gan_weight):
             return jnp.asarray(gan_w, jnp.float32)
         kernel = params["decoder"][last_layer]["kernel"]
 
@@ -84,8 +87,10 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             percept = vq_losses.perceptual_loss(features_fn, images, recon)
             total += percept_w * percept
             metrics["perceptual_loss"] = percept
-        g_adv = vq_losses.generator_loss(disc_apply(disc_params, recon), gan_kind)
-        total += gan_on * weight * g_adv
+        g_adv = jnp.zeros((), jnp.float32)
+        if use_gan:
+            g_adv = vq_losses.generator_loss(disc_apply(disc_params, recon), gan_kind)
+            total += gan_on * weight * g_adv
         codes = aux["encoding_indices"].reshape(-1)
         usage = jnp.zeros((vqgan.codebook_size,), jnp.float32).at[codes].add(1.0)
         metrics.update(generator_gan_loss=g_adv, gan_weight=weight, loss=total,
@@ -126,14 +131,16 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             return (optax.apply_updates(d_params, d_updates), d_opt, new_ema), d_metrics
 
         operand = (extra["disc_params"], extra["disc_opt_state"], extra["lecam_ema"])
-        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                    jax.eval_shape(lambda o: disc_update(o)[1], operand))
 
         def disc_skip(operand):
-            return operand, zero_metrics
+            shapes = jax.eval_shape(lambda o: disc_update(o)[1], operand)
+            return operand, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
-        (d_params, d_opt, ema), d_metrics = jax.lax.cond(
-            state.step >= disc_start, disc_update, disc_skip, operand)
+        if use_gan:
+            (d_params, d_opt, ema), d_metrics = jax.lax.cond(
+                state.step >= disc_start, disc_update, disc_skip, operand)
+        else:
+            (d_params, d_opt, ema), d_metrics = operand, {}
         metrics = dict(metrics, **d_metrics, grad_norm=optax.tree.norm(grads),
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
         new_state = state.replace(

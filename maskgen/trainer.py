@@ -28,6 +28,7 @@ import numpy as np
 
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
+from maskgen import input_pipeline
 from maskgen import logging_utils
 from maskgen import sharding as shd
 
@@ -57,11 +58,10 @@ class StageRun:
     name: str
     directory: str  # WORKDIR/<stage>
     state: Any  # TrainState (sharded)
-    step_fn: Callable  # (state, batch, key) -> (state, metrics), jitted with donation
+    step_fn: Callable  # (state, batch) -> (state, metrics), jitted with donation
     next_batch: Callable[[], Any]  # -> global batch for step_fn
     data_iter: Any  # has get_state() -> JSON-able dict
     checkpoints: ckpt_lib.StageCheckpoints
-    key: jax.Array  # replicated base key; steps fold in the step number
     num_steps: int
     checkpoint_every: int
     examples_per_step: int
@@ -69,22 +69,55 @@ class StageRun:
     sample_fn: Optional[Callable[[Any, int], Optional[np.ndarray]]] = None  # (state, step) -> grid
 
 
+class Preempted(Exception):
+    """Raised by long set-up work (pre-tokenisation) when a stop was requested."""
+
+
 class StopSignal:
-    """Set by SIGTERM (preemption notice); the loop saves and stops at the next step."""
+    """Preemption: the loop saves a checkpoint and stops at the next step.
+
+    One process: our SIGTERM handler sets `requested`. Several processes: JAX's
+    preemption service (started by jax.distributed.initialize) receives the
+    notice and picks one step at which every host stops together.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self.multi_process = jax.process_count() > 1
+        if not self.multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
 
+    def should_stop(self, step: int) -> bool:
+        """Called once per step by every process with the same step number."""
+        if self.multi_process:
+            from jax.experimental import multihost_utils
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def check(self):
+        """Raises Preempted when a stop was requested (for set-up loops outside the train loop)."""
+        if self.requested:
+            raise Preempted()
+
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def with_key(step_fn, seed: int, salt: int):
+    """step(state, batch) calling step_fn(state, batch, key) with a key made inside the program.
+
+    The key is a compile-time constant, so nothing is transferred per step and
+    multi-process runs need no replicated key array.
+    """
+    def step(state, batch):
+        return step_fn(state, batch, jax.random.fold_in(jax.random.key(seed), salt))
+    return step
 
 
 def _fetch(metrics) -> Dict[str, float]:
@@ -120,7 +153,8 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
                 values["step_time_s"] = elapsed / steps_since
                 t_last, steps_since = time.perf_counter(), 0
             writer.scalars(step, values)
-            log.info("%s step %d: %s", run.name, step, logging_utils.format_metrics(values))
+            if jax.process_index() == 0:
+                log.info("%s step %d: %s", run.name, step, logging_utils.format_metrics(values))
         progress.update(1, {k: values[k] for k in ("loss", "masked_accuracy") if k in values})
 
     def save(step):
@@ -129,25 +163,27 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
             return
         losses = [x for x in window_losses if np.isfinite(x)]
         metrics = {"loss": float(np.mean(losses))} if losses else None
-        run.checkpoints.save(step, state.to_tree(), run.data_iter.get_state(), metrics)
+        data_state = input_pipeline.gather_states(run.data_iter.get_state())
+        run.checkpoints.save(step, state.to_tree(), data_state, metrics)
         last_saved, window_losses = step, []
 
     completed = True
     try:
         for step in range(start, run.num_steps):
             batch = run.next_batch()
-            state, metrics = run.step_fn(state, batch, run.key)
+            state, metrics = run.step_fn(state, batch)
             if pending is not None:
                 record(*pending)
             pending = (step + 1, metrics)
             done = step + 1
-            if stop.requested or done % run.checkpoint_every == 0 or done == run.num_steps:
+            stopping = stop.should_stop(done)
+            if stopping or done % run.checkpoint_every == 0 or done == run.num_steps:
                 record(*pending)
                 pending = None
                 save(done)
             if sample_every and run.sample_fn is not None and done % sample_every == 0:
                 _write_samples(run, writer, state, done)
-            if stop.requested:
+            if stopping:
                 completed = done == run.num_steps
                 break
         if pending is not None:
@@ -198,7 +234,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
     results = {}
     try:
         for stage in stages:
-            run = builders[stage](cfg, stage_config(cfg, stage), workdir, mesh)
+            try:
+                run = builders[stage](cfg, stage_config(cfg, stage), workdir, mesh, stop)
+            except Preempted:
+                log.warning("stopped while preparing stage %s; rerun the same command to continue", stage)
+                break
             completed = run_stage(run, cfg, stop)
             results[stage] = run.state
             if not completed:

@@ -88,7 +88,8 @@ def _run_steps(mesh, cfg, batch, steps=2):
 @pytest.fixture(scope="module")
 def debug_cfg():
     cfg = config_io.load_config_file("configs/debug.py")
-    cfg.transformer.update(dict(hidden_size=32, num_heads=4, mlp_dim=64))
+    # One layer keeps compilation (which dominates these tests) short; 4 heads split by tensor=2.
+    cfg.transformer.update(dict(num_layers=1, hidden_size=32, num_heads=4, mlp_dim=64))
     return cfg
 
 
@@ -161,7 +162,8 @@ def test_imagenet256_step_compiles_ahead_of_time_on_8_devices():
     abstract, shardings = train_state.abstract_and_shardings(init, mesh)
     state = train_state.sharded_abstract(abstract, shardings)
     b = cfg.batch_size
-    batch = dict(tokens=jax.ShapeDtypeStruct((b, length - 1), jnp.int32, sharding=shd.batch_sharding(mesh, 2)),
+    batch = dict(tokens=jax.ShapeDtypeStruct((b, length - 1), jnp.int32,
+                                             sharding=shd.batch_sharding(mesh, 2)),
                  label=jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shd.batch_sharding(mesh, 1)))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shd.replicated(mesh))
     step = shd.jit_sharded(step_fn, (shardings, {k: v.sharding for k, v in batch.items()},

@@ -122,7 +122,8 @@ def _env():
 
 
 def _train_cmd(workdir, *overrides):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config=" + os.path.join(REPO, "configs/debug.py"),
+    return [sys.executable, os.path.join(REPO, "train.py"),
+            "--config=" + os.path.join(REPO, "configs/debug.py"),
             f"--workdir={workdir}", *overrides]
 
 
@@ -152,7 +153,8 @@ def test_two_stage_debug_run_end_to_end(tmp_path):
     tok = _final_tree(workdir / "tokenizer", 4)
     assert {"disc_params", "disc_opt_state", "lecam_ema"} <= set(tok)
     data = ocp.CheckpointManager(workdir / "transformer").restore(4)["data"]
-    assert data["kind"] == "sampler" and data["position"] == 4
+    assert data["process_count"] == 1
+    assert data["per_process"][0]["kind"] == "sampler" and data["per_process"][0]["position"] == 4
     with np.load(glob.glob(str(workdir / "token_cache" / "*.npz"))[0]) as cache:
         assert cache["tokens"].shape == (256, 16) and cache["tokens"].dtype == np.int32
         assert cache["tokens"].max() < cfg.tokenizer.codebook_size
@@ -191,7 +193,7 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
                JAX_DISABLE_MOST_OPTIMIZATIONS="0", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
     cli = ["--config.stages=('transformer',)", f"--config.num_train_steps={steps}",
            f"--config.checkpoint_every_steps={every}", "--config.log_every_steps=100",
-           "--config.dataset.name=synthetic_tokens"]
+           "--config.dataset.name=synthetic_tokens", "--config.transformer.num_layers=1"]
     reference = subprocess.run(_train_cmd(tmp_path / "reference", *cli), env=env, cwd=REPO,
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
