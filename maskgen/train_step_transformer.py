@@ -58,7 +58,8 @@ def check_train_config(tcfg, layout: TokenLayout):
     """Host-side validation of the transformer training block."""
     schedules.canonical_schedule(tcfg.mask_schedule)
     if not 0.0 <= tcfg.min_masking_rate <= 1.0:
-        raise ValueError(f"transformer_train.min_masking_rate must lie in [0, 1], got {tcfg.min_masking_rate}")
+        raise ValueError("transformer_train.min_masking_rate must lie in [0, 1], got "
+                         f"{tcfg.min_masking_rate}")
     if not 0.0 <= tcfg.label_dropout < 1.0:
         raise ValueError(f"transformer_train.label_dropout must lie in [0, 1), got {tcfg.label_dropout}")
     if tcfg.label_dropout > 0 and layout.null_class_id is None:
