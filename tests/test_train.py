@@ -229,3 +229,68 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(got["step"]) == steps
+
+
+def test_lr_schedule_warmup_cosine_and_decay_mask():
+    from maskgen import optim
+    lr = optim.lr_schedule(1.0, num_steps=110, warmup_steps=10, kind="cosine")
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 4, 9)], [0.1, 0.5, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(float(lr(60)), 0.5, atol=1e-6)  # half way through the cosine
+    assert float(lr(110)) < 1e-6 and float(lr(500)) < 1e-6
+    const = optim.lr_schedule(0.3, num_steps=5, kind="constant")
+    assert float(const(0)) == pytest.approx(0.3) and float(const(100)) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        optim.lr_schedule(1.0, 10, kind="step")
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    assert optim.decay_mask(params) == {"kernel": True, "bias": False}
+    ema = optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
+    np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)
+
+
+def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
+    """LeCam + adaptive weight (the end-to-end run covers R1 + fixed weight)."""
+    from maskgen import builders, optim, train_state
+    from maskgen import train_step_tokenizer as tts
+    cfg = _debug_cfg(**{"tokenizer_train.regularizer": "lecam", "tokenizer_train.lecam_weight": 0.1,
+                        "tokenizer_train.adaptive_gan_weight": True, "tokenizer_train.disc_start_step": 1})
+    tcfg = cfg.tokenizer_train
+    vqgan, disc = builders.tokenizer_model(cfg), builders.discriminator_model(cfg)
+    tx, lr = optim.adamw(tcfg, 10)
+    disc_tx, _ = optim.adamw(tcfg, 10, learning_rate=tcfg.disc_learning_rate)
+    step = jax.jit(tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, 0.9))
+    init = tts.make_init(vqgan, disc, tx, disc_tx, (16, 16, 3))
+    state = train_state.materialize(init, jax.random.key(0), None)
+    images = np.stack([input_pipeline.synthetic_image(0, i, 4, 16, 3)[0] for i in range(4)])
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
+    d0 = jax.device_get(state.extra["disc_params"])
+    state, m0 = step(state, batch, jax.random.key(1))
+    # Step 0 < disc_start_step: the discriminator does not move and reports zeros.
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.extra["disc_params"])), jax.tree.leaves(d0)):
+        np.testing.assert_array_equal(a, b)
+    assert float(m0["disc_loss"]) == 0.0
+    state, m1 = step(state, batch, jax.random.key(1))
+    moved = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(jax.device_get(state.extra["disc_params"])), jax.tree.leaves(d0))]
+    assert any(moved) and float(m1["disc_loss"]) > 0.0 and np.isfinite(float(m1["lecam_loss"]))
+    assert float(state.extra["lecam_ema"].real) != 0.0
+    weight = float(m1["gan_weight"])  # gan_weight * |g_rec| / |g_gan| at the decoder's output conv
+    assert np.isfinite(weight) and weight > 0 and weight != pytest.approx(tcfg.gan_weight)
+    assert int(state.step) == 2 and np.isfinite(float(m1["loss"]))
+
+
+def test_bfloat16_activations_keep_float32_parameters():
+    from maskgen import builders, optim, train_state
+    from maskgen.models.layout import seq_len, token_layout
+    cfg = _debug_cfg(**{"transformer.dtype": "bfloat16", "transformer.num_layers": 1})
+    layout, length = token_layout(cfg), seq_len(cfg)
+    model = builders.transformer_model(cfg)
+    tx, lr = optim.adamw(cfg.transformer_train, 10)
+    step = jax.jit(tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, 0.9))
+    state = train_state.materialize(tst.make_init(model, tx, length), jax.random.key(0), None)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": jnp.asarray(rng.integers(0, 32, (8, length - 1)), jnp.int32),
+             "label": jnp.asarray(rng.integers(0, 4, (8,)), jnp.int32)}
+    state, metrics = step(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
