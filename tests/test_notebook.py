@@ -32,5 +32,6 @@ def test_notebook_runs_top_to_bottom(checkpoint, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"{checkpoint}: 28x28x1 images, 7x7 tokens (4x4 pixels each), 10 classes" in text
+    assert "checkpoint steps: {'tokenizer': 1, 'transformer': 1}" in text
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) == 5  # input, mask, inpainting, outpainting, class edit
