@@ -42,6 +42,8 @@ def main(argv):
              jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     from maskgen import trainer
     trainer.train_and_evaluate(cfg, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(trainer.summary(FLAGS.workdir), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict(dict(
         name="imagenet2012", data_dir=placeholder(str), train_split="train", eval_split="validation",
         random_crop=False, random_flip=True, worker_count=0, prefetch=2,
-        synthetic_examples=256))  # size of the "synthetic" / "synthetic_tokens" datasets
+        synthetic_examples=256,  # size of the "synthetic" / "synthetic_tokens" datasets
+        max_examples=ml_collections.config_dict.placeholder(int)))  # use only the first N (smoke runs)
 
     c.tokenizer = ml_collections.ConfigDict(dict(
         codebook_size=1024, embedding_dim=256, filters=128, num_res_blocks=2,
@@ -55,7 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.eval_every_steps = 10_000
     c.sample_every_steps = 10_000
-    c.eval_num_samples = 1000
+    c.eval_num_samples = 1000  # generated images per quality evaluation (datasets with a quality metric)
+    c.quality_train_examples = ml_collections.config_dict.placeholder(int)  # classifier data (None = all)
+    c.quality_classifier_epochs = 4
 
     c.tokenizer_train = ml_collections.ConfigDict(dict(
         num_train_steps=placeholder(int), batch_size=placeholder(int),

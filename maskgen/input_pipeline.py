@@ -206,7 +206,7 @@ class GrainImages:
             random_crop=bool(dataset_cfg.random_crop) and augment,
             random_flip=bool(dataset_cfg.random_flip) and augment, shuffle=shuffle,
             num_epochs=num_epochs, drop_remainder=drop_remainder,
-            worker_count=int(dataset_cfg.worker_count))
+            worker_count=int(dataset_cfg.worker_count), max_examples=dataset_cfg.get("max_examples"))
         self._it = iter(self.loader)
 
     def __iter__(self):

@@ -22,17 +22,22 @@ from maskgen import checkpoint as ckpt_lib
 from maskgen import input_pipeline
 from maskgen import logging_utils
 from maskgen import optim
+from maskgen import quality
 from maskgen import sharding as shd
 from maskgen import token_cache
 from maskgen import train_state
 from maskgen import train_step_transformer as tst
 from maskgen import trainer
 from maskgen.builders import tokenizer_model, transformer_model
+from maskgen.bundle import Bundle
 from maskgen.models.layout import seq_len, token_grid, token_layout
 
 log = logging.getLogger(__name__)
 
 STAGE = "transformer"
+
+
+ENCODE_BATCH = 512  # images per pre-tokenisation call
 
 
 def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
@@ -148,7 +153,9 @@ def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
         tokenizer, tok_params, tok_dir, tok_step = load_tokenizer(cfg, workdir, mesh, rules)
         encode = _encoder(tokenizer, tok_params, mesh)
         if scfg.pretokenize:
-            arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, batch, grid, tok_dir, tok_step,
+            # Encoding has no backward pass: a larger batch than training's keeps the device busy.
+            encode_batch = batch * max(1, ENCODE_BATCH // batch)
+            arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, encode_batch, grid, tok_dir, tok_step,
                                                check_stop=stop.check if stop is not None else None)
             data_iter = input_pipeline.TokenCache(arrays["tokens"], arrays["labels"], batch, data_seed,
                                                   arrays.get("tokens_flipped"))
@@ -170,10 +177,35 @@ def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
     jitted = shd.jit_sharded(trainer.with_key(step_fn, seed, 3), (shardings, batch_sh),
                              (shardings, shd.replicated(mesh)), donate_argnums=(0,))
     sample_fn: Optional[object] = None
+    eval_fn: Optional[object] = None
     if tokenizer is not None:
         sample_fn = make_sampler(cfg, model, layout, tokenizer, tok_params, mesh)
+        if quality.supports_quality(cfg) and cfg.get("eval_num_samples", 0):
+            eval_fn = make_quality_eval(cfg, workdir, model, layout, tokenizer, tok_params, grid)
     return trainer.StageRun(
         name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
         data_iter=data_iter, checkpoints=checkpoints, num_steps=int(scfg.num_train_steps),
         checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
-        tokens_per_example=length, sample_fn=sample_fn)
+        tokens_per_example=length, sample_fn=sample_fn, eval_fn=eval_fn)
+
+
+def make_quality_eval(cfg, workdir, model, layout, tokenizer, tok_params, grid):
+    """(state, step) -> quality report of the EMA transformer (Fashion-MNIST class accuracy, Fréchet)."""
+    per_class = max(1, int(cfg.eval_num_samples) // layout.num_real_classes)
+
+    def evaluate(state, step):
+        bundle = Bundle(tokenizer=tokenizer, transformer=model,
+                        params={"tokenizer": tok_params, "transformer": state.ema_params}, config=cfg,
+                        layout=layout, image_shape=(cfg.image_size, cfg.image_size, cfg.image_channels),
+                        token_grid=tuple(grid), steps={"transformer": step})
+        report, _ = quality.quality_report(bundle, per_class=per_class, seed=int(cfg.seed),
+                                           cache_dir=quality.default_cache_dir(workdir),
+                                           data_dir=cfg.dataset.data_dir, progress=False)
+        report["step"] = step
+        if jax.process_index() == 0:
+            quality.write_report(report, os.path.join(workdir, STAGE, "eval", f"step_{step:08d}.json"))
+            quality.write_report(report, os.path.join(workdir, "quality.json"))
+        log.info("%s step %d quality: %s", STAGE, step, quality.format_report(report))
+        return report
+
+    return evaluate

@@ -33,7 +33,8 @@ def _meta(cfg, grid, tokenizer_dir, tokenizer_step) -> Dict:
     meta = dict(dataset=str(cfg.dataset.name), data_dir=cfg.dataset.data_dir,
                 split=str(cfg.dataset.train_split), image_size=int(cfg.image_size),
                 channels=int(cfg.image_channels), grid=list(grid), tokenizer_dir=str(tokenizer_dir),
-                tokenizer_step=int(tokenizer_step), flipped=bool(cfg.dataset.random_flip))
+                tokenizer_step=int(tokenizer_step), flipped=bool(cfg.dataset.random_flip),
+                max_examples=cfg.dataset.get("max_examples"))
     if cfg.dataset.name == input_pipeline.SYNTHETIC:  # generated from the seed
         meta.update(seed=int(cfg.seed), synthetic_examples=int(cfg.dataset.synthetic_examples))
     return meta

@@ -67,6 +67,8 @@ class StageRun:
     examples_per_step: int
     tokens_per_example: int = 0
     sample_fn: Optional[Callable[[Any, int], Optional[np.ndarray]]] = None  # (state, step) -> grid
+    eval_fn: Optional[Callable[[Any, int], Dict[str, Any]]] = None  # (state, step) -> quality report
+    last_eval: Optional[Dict[str, Any]] = None  # the end-of-stage report, when eval_fn ran
 
 
 class Preempted(Exception):
@@ -131,6 +133,7 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
     progress = logging_utils.Progress(run.name, start, run.num_steps)
     log_every = max(int(cfg.log_every_steps), 1)
     sample_every = int(cfg.sample_every_steps or 0)
+    eval_every = int(cfg.eval_every_steps or 0)
     pending = None  # (step, metrics on device) of the last dispatched step
     window_losses, t_last, steps_since = [], None, 0
     last_saved = start if start in run.checkpoints.steps() else None
@@ -183,6 +186,8 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
                 save(done)
             if sample_every and run.sample_fn is not None and done % sample_every == 0:
                 _write_samples(run, writer, state, done)
+            if eval_every and run.eval_fn is not None and done % eval_every == 0 and done < run.num_steps:
+                _evaluate(run, writer, state, done)
             if stopping:
                 completed = done == run.num_steps
                 break
@@ -191,6 +196,8 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
         if sample_every and run.sample_fn is not None and completed and start < run.num_steps \
                 and run.num_steps % sample_every:
             _write_samples(run, writer, state, run.num_steps)
+        if run.eval_fn is not None and completed and start < run.num_steps:
+            run.last_eval = _evaluate(run, writer, state, run.num_steps)
     finally:
         run.checkpoints.wait()
         run.checkpoints.close()
@@ -198,6 +205,14 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
         writer.close()
     run.state = state
     return completed
+
+
+def _evaluate(run: StageRun, writer, state, step: int) -> Dict[str, Any]:
+    """Runs the stage's quality evaluation; numeric results go to TensorBoard under eval/."""
+    report = run.eval_fn(state, step)
+    writer.scalars(step, {f"eval/{k}": v for k, v in report.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return report
 
 
 def _write_samples(run: StageRun, writer, state, step: int):
@@ -208,6 +223,29 @@ def _write_samples(run: StageRun, writer, state, step: int):
     logging_utils.save_png(path, grid)
     writer.image(step, "samples", grid)
     log.info("%s: wrote samples %s", run.name, path)
+
+
+def summary(workdir: str) -> str:
+    """Where a run's outputs are, for the end of train.py."""
+    workdir = os.path.abspath(workdir)
+    lines = [f"workdir {workdir}", f"  config.json          the resolved config"]
+    for stage in STAGES:
+        directory = os.path.join(workdir, stage)
+        if not os.path.isdir(directory):
+            continue
+        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        lines.append(f"  {stage + '/':<20} orbax checkpoints, steps {steps}; tb/ TensorBoard events"
+                     + ("; samples/ grids" if os.path.isdir(os.path.join(directory, "samples")) else ""))
+    if os.path.isdir(os.path.join(workdir, "token_cache")):
+        lines.append("  token_cache/         the pre-tokenised training split")
+    report = os.path.join(workdir, "quality.json")
+    if os.path.exists(report):
+        import json
+        from maskgen import quality
+        with open(report) as f:
+            lines.append(f"  quality.json         {quality.format_report(json.load(f))}")
+    lines.append(f"sample with: python sample.py --workdir={workdir} --out={os.path.join(workdir, 'samples')}")
+    return "\n".join(lines)
 
 
 def make_mesh(cfg):
@@ -234,6 +272,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
     results = {}
     try:
         for stage in stages:
+            started = time.perf_counter()
             try:
                 run = builders[stage](cfg, stage_config(cfg, stage), workdir, mesh, stop)
             except Preempted:
@@ -241,6 +280,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
                 break
             completed = run_stage(run, cfg, stop)
             results[stage] = run.state
+            log.info("stage %s: %.1f s in this run (set-up, training, evaluation)", stage,
+                     time.perf_counter() - started)
             if not completed:
                 log.warning("stopped during stage %s at step %d; rerun the same command to resume",
                             stage, int(jax.device_get(run.state.step)))

@@ -1,0 +1,51 @@
+"""The default job: Fashion-MNIST on a 2-core laptop CPU, both stages in minutes.
+
+    python train.py --config=configs/fashion_mnist.py --workdir=workdir/fashion_mnist
+
+28x28x1 images -> 7x7 tokens (two 2x downsamplings) from a 256-code VQ tokenizer, then a 4-layer
+class-conditional transformer with a null class (label dropout) for classifier-free guidance.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import base_config  # noqa: E402
+
+
+def get_config():
+    c = base_config()
+    c.seed = 0
+    c.image_size = 28
+    c.image_channels = 1
+    c.num_classes = 10
+    c.null_class = True
+    c.dataset.update(dict(name="fashion_mnist", data_dir=None, train_split="train", eval_split="test",
+                          random_crop=False, random_flip=False))
+
+    c.tokenizer.update(dict(codebook_size=256, embedding_dim=16, filters=16, num_res_blocks=1,
+                            channel_multipliers=[1, 2, 2], norm_groups=8, conv_impl="xla",
+                            commitment_cost=0.25, entropy_loss_ratio=0.0))
+    c.discriminator.update(dict(filters=16, channel_multipliers=[1, 2]))
+    c.transformer.update(dict(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512,
+                              dropout_rate=0.1, attention_dropout_rate=0.0))
+    c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=2.0, guidance_scale=2.0,
+                           guidance_schedule="linear"))
+
+    c.batch_size = 128
+    c.num_train_steps = 2000
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 2
+    c.log_every_steps = 50
+    c.eval_every_steps = 0
+    c.sample_every_steps = 1000
+    c.eval_num_samples = 1000
+
+    c.tokenizer_train.update(dict(num_train_steps=1200, batch_size=64, learning_rate=2e-3, b1=0.9, b2=0.99,
+                                  warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
+                                  l1_weight=0.0, l2_weight=1.0, gan_weight=0.0))
+    c.transformer_train.update(dict(num_train_steps=2500, batch_size=64, learning_rate=1e-3,
+                                    b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=200,
+                                    lr_schedule="cosine", ema_decay=0.999, label_smoothing=0.1,
+                                    mask_schedule="cosine", min_masking_rate=0.0, label_dropout=0.1,
+                                    pretokenize=True))
+    return c

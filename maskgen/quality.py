@@ -1,0 +1,84 @@
+"""End-of-training quality report for a model bundle trained on Fashion-MNIST.
+
+Samples `per_class` images of every class with the config's decoding settings,
+scores them with the project's Fashion-MNIST classifier (class accuracy and a
+Fréchet distance in its feature space, with the real-train vs real-test floor)
+and measures the tokenizer's reconstruction error on the real test split.
+"""
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from maskgen.image_grid import _atomic
+
+QUALITY_DATASETS = ("fashion_mnist",)
+
+
+def supports_quality(cfg) -> bool:
+    return cfg.dataset.name in QUALITY_DATASETS
+
+
+def _reconstruct_fn(bundle):
+    import jax
+    tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
+
+    @jax.jit
+    def run(x):
+        recon, _ = tok.apply(params, x)
+        return jnp.round(jnp.clip(recon, 0, 1) * 255)
+
+    return lambda images_uint8: np.asarray(run(jnp.asarray(images_uint8, jnp.float32) / 255.0))
+
+
+def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, data_dir=None,
+                   batch_size: int = 250, sampling_overrides=None, progress: bool = True) -> dict:
+    """Class accuracy, Fréchet distance (+ floor) and reconstruction error of a Fashion-MNIST bundle."""
+    from maskgen import data
+    from maskgen.eval.fashion import fashion_quality
+    from maskgen.eval.reconstruction import reconstruction_error
+    from maskgen.sampling import Sampler, decode_config_from, recap_config_from
+
+    cfg = bundle.config
+    if not supports_quality(cfg):
+        raise ValueError(f"the quality report needs a Fashion-MNIST model, this one was trained on "
+                         f"{cfg.dataset.name!r}")
+    from maskgen.eval.classifier import TrainConfig
+
+    data_dir = data_dir or cfg.dataset.data_dir
+    limit = cfg.get("quality_train_examples")
+    train = data.load_arrays("fashion_mnist", "train", data_dir, max_examples=limit)
+    test = data.load_arrays("fashion_mnist", "test", data_dir, max_examples=limit)
+    classifier = TrainConfig(epochs=int(cfg.get("quality_classifier_epochs", 4)))
+    sampling = dict(cfg.sampling)
+    sampling.update(sampling_overrides or {})
+    sampler = Sampler(bundle, decode_config_from(sampling, bundle.token_grid), recap_config_from(sampling))
+    labels = np.repeat(np.arange(bundle.layout.num_real_classes), per_class)
+    start = time.perf_counter()
+    samples = sampler.generate(labels, seed=seed, batch_size=batch_size, progress=progress)
+    sample_seconds = time.perf_counter() - start
+    report = fashion_quality(samples["images"], labels, cache_dir, train=train, test=test,
+                             config=classifier, progress=progress)
+    recon = reconstruction_error(test[0][:2000], _reconstruct_fn(bundle), batch_size=250)
+    report.update(reconstruction_mse=float(recon["mse"]), reconstruction_psnr=float(recon["psnr"]),
+                  sampling_seconds=sample_seconds, sampling=sampling)
+    return report, samples
+
+
+def write_report(report: dict, path) -> None:
+    text = json.dumps(report, indent=1, default=float)
+    _atomic(path, lambda tmp: open(tmp, "w").write(text))
+
+
+def format_report(report: dict) -> str:
+    return (f"class accuracy {report['class_accuracy']:.3f} (real test images: "
+            f"{report['real_test_accuracy']:.3f}) | Fréchet {report['frechet']:.2f} "
+            f"(real-train vs real-test floor {report['frechet_floor']:.2f}, ratio "
+            f"{report['frechet'] / max(report['frechet_floor'], 1e-9):.2f}) | tokenizer reconstruction "
+            f"PSNR {report['reconstruction_psnr']:.2f} dB")
+
+
+def default_cache_dir(workdir) -> str:
+    return os.path.join(os.fspath(workdir), "eval_cache")
