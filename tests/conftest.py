@@ -22,3 +22,13 @@ def official_small():
     ref = dict(np.load(OFFICIAL_SMALL / "reference.npz"))
     ref["_dir"] = OFFICIAL_SMALL
     return ref
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Tiny models: XLA's optimisation passes cost more compile time than they save at run time."""
+    import jax
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

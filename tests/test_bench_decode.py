@@ -104,7 +104,7 @@ def test_probe_runs_exactly_count_chained_evaluations():
     ids = jnp.asarray([[3, 1], [2, 5]], jnp.int32)
     for count in (1, 3):
         got = float(bench.eval_probe(fn, count)(jnp.float32(0.5), ids))
-        assert got == count * 1.5  # each evaluation adds logits[0, 0, 0] = 3 * 0.5
+        assert got == count * 5.5  # each evaluation adds sum(logits) = (3 + 1 + 2 + 5) * 0.5
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -19,12 +19,7 @@ from maskgen.models.layout import seq_len, token_layout
 from maskgen.models.transformer import build_transformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 
 
 def _mesh(data, fsdp, tensor=1):

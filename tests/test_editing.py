@@ -16,13 +16,7 @@ from maskgen.scheduler import DecodeConfig, RecapConfig
 from maskgen.tokens import TokenLayout
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Tiny models: XLA's optimisation passes cost more than they save here."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 
 
 @pytest.fixture(scope="module")
