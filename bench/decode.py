@@ -20,7 +20,11 @@ and multiplied by how often the decode calls it; `loop_overhead` = 1 - model_s /
 decode_s; `flops_per_image` = analytic FLOPs of every evaluation of one image's
 decode (`maskgen.flops`, cheap evaluations at the row count the compiled loop
 computes); `mfu` = images_per_s * flops_per_image / matmul_flops_per_s, the
-last measured in the same run. Times are best-of --repeats (medians recorded too).
+last measured in the same run (an n x n fp32 matmul). Times are best-of
+--repeats (medians recorded too), cases alternate their order repeat by repeat.
+Every figure also comes on a process-CPU-time basis (`*_cpu*` keys: CPU
+seconds of all threads): on a loaded machine wall times swing 2x while CPU
+times hardly move, so the CPU-time ratios are the ones to compare there.
 
 --quality (needs --checkpoint of a Fashion-MNIST run): every mode also decodes
 pixels for --quality_samples images and scores them with
@@ -111,15 +115,42 @@ def load_config(name: str):
     return config_io.load_config_file(path)
 
 
-def random_model(config_name: str, seed: int = 0) -> Model:
+def apply_overrides(cfg, overrides):
+    """`a.b=value` strings onto a config, each value parsed as the type of the key it replaces."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        *parents, leaf = key.strip().split(".")
+        node = cfg
+        for name in parents:
+            if name not in node:
+                raise ValueError(f"--set {item!r}: the config has no key {key!r}")
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"--set {item!r}: the config has no key {key!r}")
+        old = node[leaf]
+        try:
+            value = type(old)(text) if isinstance(old, (int, float, str)) and not isinstance(old, bool) \
+                else json.loads(text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a {type(old).__name__}") from None
+        node[leaf] = value
+    return cfg
+
+
+def random_model(config_name: str, seed: int = 0, overrides=()) -> Model:
     """Random weights at a config's size (the cost of decoding does not depend on the values)."""
     from flax.core import meta
     from maskgen import builders
-    cfg = load_config(config_name)
+    cfg = apply_overrides(load_config(config_name), overrides)
     module = builders.transformer_model(cfg)
     example = jnp.zeros((1, seq_len(cfg)), jnp.int32)
     params = meta.unbox(jax.jit(module.init)(jax.random.key(seed), example)["params"])
-    return Model(os.path.splitext(os.path.basename(config_name))[0], module, params, cfg)
+    name = os.path.splitext(os.path.basename(config_name))[0]
+    if overrides:
+        name += "[" + ",".join(overrides) + "]"
+    return Model(name, module, params, cfg)
 
 
 def checkpoint_model(path: str) -> Model:
@@ -211,22 +242,32 @@ def start_ids(model: Model, batch: int, seed: int = 0):
 
 
 class Timer:
-    """Best-of / median wall times of named, already compiled calls, collected across repeats."""
+    """Best-of / median wall and process-CPU times of named, compiled calls, across repeats.
+
+    CPU time (all threads of this process) barely moves when other processes
+    load the machine, where wall time can double: ratios of CPU times are the
+    steadier figures on a shared machine, wall times the ones a user sees.
+    """
 
     def __init__(self):
-        self.times: Dict[str, List[float]] = {}
+        self.times: Dict[object, List[float]] = {}
+        self.cpu_times: Dict[object, List[float]] = {}
 
-    def __call__(self, name: str, fn, *args, calls: int = 1):
+    def __call__(self, name, fn, *args, calls: int = 1):
         for _ in range(calls):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(*args))
             self.times.setdefault(name, []).append(time.perf_counter() - start)
+            self.cpu_times.setdefault(name, []).append(time.process_time() - cpu_start)
 
-    def best(self, name: str) -> float:
+    def best(self, name) -> float:
         return min(self.times[name])
 
-    def median(self, name: str) -> float:
+    def median(self, name) -> float:
         return float(np.median(self.times[name]))
+
+    def best_cpu(self, name) -> float:
+        return min(self.cpu_times[name])
 
 
 def eval_probe(fn, count: int):
@@ -242,7 +283,8 @@ def eval_probe(fn, count: int):
             ids_in, acc = carry
             out = fn(params, ids_in + (acc > 3e38).astype(ids_in.dtype), *rest)
             logits = out[0] if isinstance(out, tuple) else out
-            return ids_in, acc + logits[0, 0, 0]
+            # Sum every logit: a single element would let XLA slice the head (and more) away.
+            return ids_in, acc + jnp.sum(logits)
         return jax.lax.fori_loop(0, count, body, (ids, jnp.float32(0)))[1]
     return jax.jit(probe)
 
@@ -296,26 +338,37 @@ def measure(model: Model, cases, batch: int, repeats: int, guidance_scale=None,
         decoders[case] = make_decoder(model, case, guidance_scale)
         jax.block_until_ready(decoders[case](model.params, ids, keys))
         log(f"  compiled {describe(case)} in {time.perf_counter() - start:.1f} s")
+    matmul = jax.jit(lambda a, b: a @ b)
+    square = jax.random.normal(jax.random.key(2), (matmul_n, matmul_n), jnp.float32)
+    jax.block_until_ready(matmul(square, square))
     timer = Timer()
-    peak = 0.0
     for repeat in range(repeats):
-        peak = max(peak, flops.matmul_flops_per_s(matmul_n, repeats=3))
+        # Alternate the order so that a change of machine load favours no case.
+        order = cases if repeat % 2 == 0 else cases[::-1]
+        timer("matmul", matmul, square, square, calls=5)
         for name, (probe, args, _) in probes.items():
             timer(name, probe, *args, calls=2)
-        for case in cases:
+        for case in order:
             timer(case, decoders[case], model.params, ids, keys)
         log(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(
             f"{describe(case)} {timer.times[case][-1]:.2f} s" for case in cases))
-    per_eval = {name: timer.best(name) / count for name, (_, _, count) in probes.items()}
+    matmul_flops = 2.0 * matmul_n ** 3
+    peak = dict(wall=matmul_flops / timer.best("matmul"), cpu=matmul_flops / timer.best_cpu("matmul"))
     stats = {}
-    for case in cases:
-        full, cheap, cheap_rows = evaluation_counts(plans[case])
-        full_s = per_eval["full_kv" if case.recap else "full"]
-        model_s = full * full_s + sum(calls * per_eval[f"cheap_{rows}"] for rows, calls in cheap_rows.items())
-        stats[case] = dict(
-            plan=plans[case], decode_s=timer.best(case), decode_s_median=timer.median(case),
-            model_s=model_s, full_eval_s=full_s,
-            cheap_eval_s={str(rows): per_eval[f"cheap_{rows}"] for rows in cheap_rows})
+    for clock, best in (("wall", timer.best), ("cpu", timer.best_cpu)):
+        per_eval = {name: best(name) / count for name, (_, _, count) in probes.items()}
+        for case in cases:
+            full, cheap, cheap_rows = evaluation_counts(plans[case])
+            full_s = per_eval["full_kv" if case.recap else "full"]
+            model_s = full * full_s + sum(calls * per_eval[f"cheap_{rows}"]
+                                          for rows, calls in cheap_rows.items())
+            entry = stats.setdefault(case, dict(plan=plans[case]))
+            if clock == "wall":
+                entry.update(decode_s=best(case), decode_s_median=timer.median(case), model_s=model_s,
+                             full_eval_s=full_s,
+                             cheap_eval_s={str(r): per_eval[f"cheap_{r}"] for r in cheap_rows})
+            else:
+                entry.update(decode_cpu_s=best(case), model_cpu_s=model_s)
     return stats, peak
 
 
@@ -353,7 +406,8 @@ def device_description() -> str:
     return f"cpu {cpu}, {os.cpu_count()} cores"
 
 
-def make_rows(model: Model, entries, stats, batch: int, peak: float, guidance_scale, repeats: int):
+def make_rows(model: Model, entries, stats, batch: int, peak: dict, guidance_scale, repeats: int,
+              note: str = ""):
     """JSON rows (see module docstring) incl. ReCAP speed-up vs plain at the same T and its bound."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     guided = 2 if guidance_scale is not None else 1
@@ -363,6 +417,7 @@ def make_rows(model: Model, entries, stats, batch: int, peak: float, guidance_sc
         plan = s["plan"]
         per_image = guided * flops_per_image(model, plan)
         images_per_s = batch / s["decode_s"]
+        images_per_cpu_s = batch / s["decode_cpu_s"]
         row = dict(
             config=model.name, batch=batch, steps=case.steps,
             method="recap" if case.recap else "plain", mode=mode,
@@ -371,17 +426,24 @@ def make_rows(model: Model, entries, stats, batch: int, peak: float, guidance_sc
             flops_per_image=per_image, quality=None,
             decode_s=s["decode_s"], model_s=s["model_s"],
             full_eval_s=s["full_eval_s"], cheap_eval_s=s["cheap_eval_s"],
-            matmul_flops_per_s=peak, mfu=images_per_s * per_image / peak,
+            matmul_flops_per_s=peak["wall"], mfu=images_per_s * per_image / peak["wall"],
             loop_overhead=1.0 - s["model_s"] / s["decode_s"],
+            decode_cpu_s=s["decode_cpu_s"], model_cpu_s=s["model_cpu_s"],
+            images_per_cpu_s=images_per_cpu_s, matmul_flops_per_cpu_s=peak["cpu"],
+            mfu_cpu=images_per_cpu_s * per_image / peak["cpu"],
+            loop_overhead_cpu=1.0 - s["model_cpu_s"] / s["decode_cpu_s"],
             recap_full_only_steps=case.full_only_steps, recap_cheap_per_full=case.cheap_per_full,
             cheap_rows=[r for r in plan.cheap_rows if r], schedule=str(model.cfg.sampling.schedule),
             guidance_scale=guidance_scale, repeats=repeats, device=device_description(),
-            date=date, jax=jax.__version__)
+            date=date, jax=jax.__version__, note=note)
         plain = stats.get(Case(case.steps))
         if case.recap and plain is not None:
             row["speedup_vs_plain"] = plain["decode_s"] / s["decode_s"]
             row["speedup_bound"] = plain["model_s"] / s["model_s"]
             row["bound_fraction"] = row["speedup_vs_plain"] / row["speedup_bound"]
+            row["speedup_vs_plain_cpu"] = plain["decode_cpu_s"] / s["decode_cpu_s"]
+            row["speedup_bound_cpu"] = plain["model_cpu_s"] / s["model_cpu_s"]
+            row["bound_fraction_cpu"] = row["speedup_vs_plain_cpu"] / row["speedup_bound_cpu"]
         if matched_to is not None:
             row.update(matched_steps=matched_to.steps,
                        matched_recap_cheap_per_full=matched_to.cheap_per_full,
@@ -441,6 +503,8 @@ def check_args(args):
         raise ValueError("pass exactly one of --config (random weights) and --checkpoint (trained run)")
     if args.quality and not args.checkpoint:
         raise ValueError("--quality needs --checkpoint (a trained Fashion-MNIST run)")
+    if args.set and not args.config:
+        raise ValueError("--set changes a --config; a --checkpoint keeps the size it was trained at")
     if args.quality and args.quality_samples < 2:
         raise ValueError(f"--quality_samples must be >= 2, got {args.quality_samples}")
     return steps, batches, cheap, methods
@@ -449,14 +513,16 @@ def check_args(args):
 def run(args, log=print):
     """Runs the benchmark for parsed arguments; returns the rows (also written to args.out)."""
     steps, batches, cheap, methods = check_args(args)
-    model = checkpoint_model(args.checkpoint) if args.checkpoint else random_model(args.config)
+    model = (checkpoint_model(args.checkpoint) if args.checkpoint
+             else random_model(args.config, overrides=args.set))
     entries = build_cases(model, steps, methods, cheap, args.recap_full_only_steps)
     cases = list(dict.fromkeys(case for _, case, _ in entries))
     rows = []
     for batch in batches:
         log(f"{model.name}: batch {batch}, " + "; ".join(describe(c) for c in cases))
         stats, peak = measure(model, cases, batch, args.repeats, args.guidance_scale, args.matmul_n, log)
-        rows += make_rows(model, entries, stats, batch, peak, args.guidance_scale, args.repeats)
+        rows += make_rows(model, entries, stats, batch, peak, args.guidance_scale, args.repeats,
+                          args.note)
     if args.quality:
         quality_fn = args.quality_fn or fashion_quality_fn(args.cache_dir)
         add_quality(model, rows, quality_fn, args.quality_samples, max(batches), args.guidance_scale,
@@ -480,6 +546,9 @@ def summary_line(row) -> str:
     if "speedup_vs_plain" in row:
         text += (f", x{row['speedup_vs_plain']:.2f} vs plain (bound x{row['speedup_bound']:.2f}, "
                  f"{100 * row['bound_fraction']:.0f}%)")
+    text += f" | cpu-time: MFU {100 * row['mfu_cpu']:.0f}%, loop {100 * row['loop_overhead_cpu']:.1f}%"
+    if "speedup_vs_plain_cpu" in row:
+        text += f", x{row['speedup_vs_plain_cpu']:.2f} (bound x{row['speedup_bound_cpu']:.2f})"
     return text
 
 
@@ -495,6 +564,8 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="config name in configs/ (or a file): random weights at its size")
     p.add_argument("--checkpoint", help="training workdir: its EMA transformer (and tokenizer)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a --config entry, e.g. --set transformer.hidden_size=64 (repeatable)")
     p.add_argument("--batch", default="8", help="batch size(s), e.g. 8 or 8,1")
     p.add_argument("--steps", default="8", help="decoding steps T, e.g. 8,12")
     p.add_argument("--methods", default="plain,recap,matched", help="subset of plain,recap,matched")
@@ -502,6 +573,7 @@ def parser():
     p.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance weight (default: off)")
     p.add_argument("--matmul_n", type=int, default=1024, help="size of the n x n x n matmul peak probe")
+    p.add_argument("--note", default="", help="free text stored in every row (e.g. what was changed)")
     p.add_argument("--out", default=None, help="JSON rows file (e.g. bench/results/decode-medium.json)")
     recap = p.add_argument_group("recap")
     recap.add_argument("--recap_cheap_per_full", default="1,2,3",

@@ -91,9 +91,14 @@ def test_derived_figures_are_consistent(debug_run):
                                                if row["method"] == "recap"
                                                else row["full_evals"] * row["full_eval_s"])
         assert 0 < row["model_s"]
+        assert row["images_per_cpu_s"] == pytest.approx(row["batch"] / row["decode_cpu_s"])
+        assert row["mfu_cpu"] == pytest.approx(
+            row["images_per_cpu_s"] * row["flops_per_image"] / row["matmul_flops_per_cpu_s"])
+        assert row["loop_overhead_cpu"] == pytest.approx(1 - row["model_cpu_s"] / row["decode_cpu_s"])
     plain, recap, _ = rows
     assert recap["speedup_vs_plain"] == pytest.approx(plain["decode_s"] / recap["decode_s"])
     assert recap["speedup_bound"] == pytest.approx(plain["model_s"] / recap["model_s"])
+    assert recap["speedup_vs_plain_cpu"] == pytest.approx(plain["decode_cpu_s"] / recap["decode_cpu_s"])
     table = plot_decode.markdown_table(rows)
     assert table.count("\n") == 1 + len(rows) and "| debug | 2 | 4 | recap |" in table
 
@@ -114,6 +119,7 @@ def test_probe_runs_exactly_count_chained_evaluations():
     (["--config=debug", "--recap_full_only_steps=-1"], "--recap_full_only_steps"),
     (["--config=debug", "--checkpoint=/tmp"], "exactly one"),
     (["--config=debug", "--quality"], "--quality needs --checkpoint"),
+    (["--checkpoint=/tmp", "--set", "image_size=32"], "--set changes a --config"),
 ])
 def test_bad_flags_name_the_problem(argv, flag):
     with pytest.raises(ValueError, match=flag):
@@ -143,3 +149,14 @@ def test_quality_mode_scores_decoded_images_and_plots(tmp_path):
     png = (tmp_path / "q.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert jax.tree.leaves(json.loads((tmp_path / "q.json").read_text())[1]["quality"])
+
+
+def test_set_overrides_parse_as_the_replaced_type():
+    cfg = bench.apply_overrides(bench.load_config("debug"),
+                                ["transformer.hidden_size=64", "image_size=32", "sampling.schedule=linear"])
+    assert (cfg.transformer.hidden_size, cfg.image_size, cfg.sampling.schedule) == (64, 32, "linear")
+    assert bench.seq_len(cfg) == 1 + 8 * 8  # debug tokenizer downsamples 4x
+    with pytest.raises(ValueError, match="no key 'transformer.width'"):
+        bench.apply_overrides(bench.load_config("debug"), ["transformer.width=3"])
+    with pytest.raises(ValueError, match="not a int"):
+        bench.apply_overrides(bench.load_config("debug"), ["image_size=big"])
