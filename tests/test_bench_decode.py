@@ -107,9 +107,10 @@ def test_probe_runs_exactly_count_chained_evaluations():
     def fn(params, ids):
         return (ids.astype(jnp.float32) * params)[:, :, None]  # logits [B, L, 1]
     ids = jnp.asarray([[3, 1], [2, 5]], jnp.int32)
-    for count in (1, 3):
+    for count in (2, 3):
         got = float(bench.eval_probe(fn, count)(jnp.float32(0.5), ids))
         assert got == count * 5.5  # each evaluation adds sum(logits) = (3 + 1 + 2 + 5) * 0.5
+    np.testing.assert_array_equal(bench.eval_probe(fn, 1)(jnp.float32(0.5), ids), fn(0.5, ids))
 
 
 @pytest.mark.parametrize("argv, flag", [
