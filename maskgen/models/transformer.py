@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgen import axes
+from maskgen.models.attention import attend  # noqa: F401 - re-exported
 from maskgen.tokens import OFFICIAL_MASK_ID
 
 Dtype = Any
@@ -79,16 +80,6 @@ class Embed(nn.Module):
 
     def word_table(self):
         return self.word_embeddings.embedding
-
-
-def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, dropout=None):
-    """Softmax attention of N queries over L keys (no mask: fully bidirectional)."""
-    scale = 1.0 / np.sqrt(q_BxNxHxK.shape[-1])
-    logits = jnp.einsum("bnhk,blhk->bhnl", q_BxNxHxK * jnp.asarray(scale, q_BxNxHxK.dtype), k_BxLxHxK)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
-    if dropout is not None:
-        probs = dropout(probs)
-    return jnp.einsum("bhnl,blhk->bnhk", probs, v_BxLxHxK)
 
 
 def scatter_rows(cache_BxLxHxK, rows_BxNxHxK, positions_BxN):

@@ -17,6 +17,8 @@ bound `rows` (top_k of that size), padded ranks are no-ops.
 import dataclasses
 from typing import Optional, Tuple
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -53,17 +55,27 @@ def group_steps(num_steps: int, start_step: int, full_only_steps: int, cheap_ste
     return groups
 
 
-def make_phases(groups, counts: np.ndarray):
-    """Consecutive groups of equal length become one phase; rows = worst-case group size over N."""
-    phases = []
+def make_phases(groups, counts: np.ndarray, slack: float = 1.25):
+    """Consecutive groups of equal length share a phase (one lax.scan) while their sizes stay close.
+
+    rows = the phase's worst-case group size over N. A multi-step group joins
+    the previous phase only if that phase's largest size stays within `slack` x
+    its smallest, so cheap evaluations are not padded far beyond their group
+    (growing group sizes, as the cosine schedule gives, would otherwise all pay
+    for the last). One-step groups (plain decoding) always share one phase.
+    """
+    phases, smallest = [], []
     for group in groups:
         rows = int(max(1, counts[:, list(group)].sum(axis=1).max()))
-        if phases and phases[-1].steps_per_group == len(group):
+        if phases and phases[-1].steps_per_group == len(group) and (
+                len(group) == 1 or max(phases[-1].rows, rows) <= slack * min(smallest[-1], rows)):
             last = phases[-1]
             phases[-1] = Phase(last.starts + (group[0],), last.steps_per_group,
                                max(last.rows, rows))
+            smallest[-1] = min(smallest[-1], rows)
         else:
             phases.append(Phase((group[0],), len(group), rows))
+            smallest.append(rows)
     return phases
 
 
@@ -71,27 +83,50 @@ def _step_value(table, step):
     return None if table is None else jnp.asarray(table)[step]
 
 
-def _candidates(logits, sample_keys, temperature, top_k, top_p):
+def _candidates(logits, uniform, temperature, top_k, top_p):
     """Sampled ids and their log-probability under the filtered, tempered distribution."""
     logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
-    return token_sampling.sample_per_example(sample_keys, logits)
+    return token_sampling.sample_with_uniform(uniform, logits)
+
+
+@flax.struct.dataclass
+class Draws:
+    """Every step's random numbers, drawn before the loop in one vectorised call.
+
+    uniform[t, b] / gumbel[t, b]: the [L] uniforms (token sampling) and Gumbel
+    noise (confidence) of example b at step t, from keys.step_keys(keys, t). A
+    step that samples n < L rows uses the first n uniforms: the numbers a draw
+    of shape (n,) from the same key gives (partitionable threefry). Drawing per
+    step inside the loop cost more than the rest of a step at small model sizes
+    on CPU (XLA:CPU runs threefry as a rolled loop).
+    """
+    uniform: jax.Array  # float32 [T, B, L]
+    gumbel: jax.Array  # float32 [T, B, L]
+
+
+def draw_all(example_keys, num_steps: int, length: int) -> Draws:
+    def per_step(step):
+        sample_keys, choice_keys = keys_lib.step_keys(example_keys, step)
+        return (token_sampling.uniform_per_example(sample_keys, length),
+                token_sampling.gumbel_per_example(choice_keys, length))
+    uniform, gumbel = jax.vmap(per_step)(jnp.arange(num_steps))
+    return Draws(uniform=uniform, gumbel=gumbel)
 
 
 def _scatter(seq, positions, values):
     return seq.at[jnp.arange(seq.shape[0])[:, None], positions].set(values)
 
 
-def _group(seq, start, *, calls, example_keys, counts, tables, mask_id, phase,
+def _group(seq, start, *, calls, draws, counts, tables, mask_id, phase,
            top_k, top_p, keep_steps):
     """One group: full evaluation, ranking, then the group's steps. Returns (seq, per-step seqs)."""
     batch, length = seq.shape
     rows = phase.rows
     logits, cache = calls.full(seq, _step_value(tables.guidance, start))
-    sample_keys, choice_keys = keys_lib.step_keys(example_keys, start)
     candidates, log_probs = _candidates(
-        logits, sample_keys, _step_value(tables.temperatures, start), top_k, top_p)
+        logits, draws.uniform[start], _step_value(tables.temperatures, start), top_k, top_p)
     if tables.priority is None:
-        noise = token_sampling.gumbel_per_example(choice_keys, length)
+        noise = draws.gumbel[start]
         confidence = log_probs + jnp.asarray(tables.choice_temperatures)[start] * noise
     else:
         confidence = jnp.broadcast_to(jnp.asarray(tables.priority), (batch, length))
@@ -114,9 +149,9 @@ def _group(seq, start, *, calls, example_keys, counts, tables, mask_id, phase,
         current = _scatter(seq, positions, values)
         cheap_logits = calls.cheap(current, row_positions, cache,
                                    _step_value(tables.guidance, step))[:, 1:]
-        sample_keys, _ = keys_lib.step_keys(example_keys, step)
         cheap_candidates, _ = _candidates(
-            cheap_logits, sample_keys, _step_value(tables.temperatures, step), top_k, top_p)
+            cheap_logits, draws.uniform[step][:, :cheap_logits.shape[1]],
+            _step_value(tables.temperatures, step), top_k, top_p)
         reveal = (rank >= ends[:, j - 1:j]) & (rank < ends[:, j:j + 1])
         values = jnp.where(reveal, cheap_candidates, values)
         if keep_steps:
@@ -134,10 +169,11 @@ def run(calls, seq, example_keys, tables: StepTables, phases, *, mask_id: int,
     length = seq.shape[1]
     unknown = jnp.sum(seq == mask_id, axis=1)
     counts = jnp.asarray(tables.counts)[jnp.minimum(unknown, length)]  # [B, T]
+    draws = draw_all(example_keys, tables.counts.shape[1], length)
     outputs = []
     for phase in phases:
         def body(carry, start, phase=phase):
-            return _group(carry, start, calls=calls, example_keys=example_keys, counts=counts,
+            return _group(carry, start, calls=calls, draws=draws, counts=counts,
                           tables=tables, mask_id=mask_id, phase=phase, top_k=top_k, top_p=top_p,
                           keep_steps=keep_steps)
         seq, per_step = lax.scan(body, seq, jnp.asarray(phase.starts, jnp.int32))
