@@ -443,7 +443,9 @@ def make_rows(model: Model, entries, stats, batch: int, peak: dict, guidance_sca
             mfu_cpu=images_per_cpu_s * per_image / peak["cpu"],
             loop_overhead_cpu=1.0 - s["model_cpu_s"] / s["decode_cpu_s"],
             recap_full_only_steps=case.full_only_steps, recap_cheap_per_full=case.cheap_per_full,
-            cheap_rows=[r for r in plan.cheap_rows if r], schedule=str(model.cfg.sampling.schedule),
+            cheap_rows=[r for r in plan.cheap_rows if r],
+            cheap_calls={str(rows): calls for rows, calls in evaluation_counts(plan)[2].items()},
+            schedule=str(model.cfg.sampling.schedule),
             guidance_scale=guidance_scale, repeats=repeats, device=device_description(),
             date=date, jax=jax.__version__, note=note)
         plain = stats.get(Case(case.steps))

@@ -13,9 +13,6 @@ import json
 import os
 from typing import List
 
-MARKERS = {"plain": "o", "recap": "^", "matched": "s"}
-
-
 def load_rows(paths) -> List[dict]:
     rows = []
     for path in paths:
@@ -33,6 +30,19 @@ def label(row) -> str:
     return f"T={row['steps']}"
 
 
+def distinct_settings(rows):
+    """One row per decode setting: a matched-cost baseline equal to a plain row (or to an
+    earlier matched row) is the same measurement and would draw a second, hiding point."""
+    seen, kept = set(), []
+    for row in sorted(rows, key=lambda r: r["mode"] == "matched"):
+        key = (row["batch"], row["steps"], row["method"], row["recap_cheap_per_full"],
+               row["recap_full_only_steps"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return kept
+
+
 def plot_quality(rows, path: str):
     """Two panels (class accuracy, Fréchet) against seconds per image, one marker per mode."""
     import matplotlib
@@ -41,11 +51,12 @@ def plot_quality(rows, path: str):
     rows = [r for r in rows if r.get("quality")]
     if not rows:
         raise ValueError("no row has a quality entry: run bench/decode.py with --checkpoint and --quality")
+    rows = distinct_settings(rows)
     metrics = [("class_accuracy", "class accuracy (higher is better)"),
                ("frechet", "Fréchet distance (lower is better)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(11, 4.2))
     for ax, (key, title) in zip(axes, metrics):
-        for mode, marker in MARKERS.items():
+        for mode, marker in (("matched", "s"), ("plain", "o"), ("recap", "^")):  # plain over matched
             subset = [r for r in rows if r["mode"] == mode and key in r["quality"]]
             if not subset:
                 continue
