@@ -59,9 +59,14 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
     start = time.perf_counter()
     samples = sampler.generate(labels, seed=seed, batch_size=batch_size, progress=progress)
     sample_seconds = time.perf_counter() - start
+    reconstruct = _reconstruct_fn(bundle)
+    recon = reconstruction_error(test[0][:2000], reconstruct, batch_size=250)
+    # As many reconstructions as samples, so their Fréchet compares with the samples' and the floor's.
+    count = min(len(labels), len(test[0]))
+    recon_images = np.concatenate([reconstruct(test[0][i:i + batch_size])
+                                   for i in range(0, count, batch_size)]).astype(np.uint8)
     report = fashion_quality(samples["images"], labels, cache_dir, train=train, test=test,
-                             config=classifier, progress=progress)
-    recon = reconstruction_error(test[0][:2000], _reconstruct_fn(bundle), batch_size=250)
+                             config=classifier, progress=progress, reconstructions=recon_images)
     report.update(reconstruction_mse=float(recon["mse"]), reconstruction_psnr=float(recon["psnr"]),
                   sampling_seconds=sample_seconds, sampling=sampling)
     return report, samples
@@ -77,7 +82,7 @@ def format_report(report: dict) -> str:
             f"{report['real_test_accuracy']:.3f}) | Fréchet {report['frechet']:.2f} "
             f"(real-train vs real-test floor {report['frechet_floor']:.2f}, ratio "
             f"{report['frechet'] / max(report['frechet_floor'], 1e-9):.2f}) | tokenizer reconstruction "
-            f"PSNR {report['reconstruction_psnr']:.2f} dB")
+            f"PSNR {report['reconstruction_psnr']:.2f} dB, Fréchet {report['reconstruction_frechet']:.2f}")
 
 
 def default_cache_dir(workdir) -> str:

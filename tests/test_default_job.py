@@ -45,6 +45,7 @@ def test_shortened_default_job_trains_samples_and_measures(tmp_path):
         assert 0.0 <= report[key] <= 1.0
     assert report["frechet"] > 0 and report["frechet_floor"] > 0
     assert np.isfinite(report["reconstruction_psnr"]) and report["reconstruction_mse"] > 0
+    assert report["reconstruction_frechet"] > 0
     assert (workdir / "transformer" / "eval" / "step_00000004.json").exists()
     assert sorted(d for d in os.listdir(workdir / "transformer") if d.isdigit()) == ["2", "4"]
 

@@ -74,6 +74,22 @@ def test_wrong_labels_and_noise_score_badly(data, cache_dir):
     assert real["frechet"] < 3 * real["frechet_floor"] < report["frechet"]
 
 
+def test_reconstruction_frechet_compares_reconstructions_with_the_test_split(data, cache_dir):
+    train, (test_x, test_y) = data
+    # Identity "reconstructions" of the test images are the test set itself: distance 0.
+    exact = fashion.fashion_quality(test_x[:300], test_y[:300], cache_dir, train=train, test=(test_x, test_y),
+                                    config=SHORT, progress=False, reconstructions=test_x)
+    assert abs(exact["reconstruction_frechet"]) < 1e-6 * exact["frechet_floor"]
+    assert exact["frechet"] > 0  # the 300 generated images are not the whole split
+    # Reconstructions that lost the image (flat grey) are far from real images, past the samples.
+    grey = np.full((300, 28, 28), 128, np.uint8)
+    grey[:, 0, 0] = np.arange(300) % 256  # a little variance, so the covariance is not singular
+    lost = fashion.fashion_quality(test_x[:300], test_y[:300], cache_dir, train=train, test=(test_x, test_y),
+                                   config=SHORT, progress=False, reconstructions=grey)
+    assert lost["reconstruction_frechet"] > 10 * lost["frechet"]
+    assert "reconstruction_frechet" not in _quality(test_x[:300], test_y[:300], data, cache_dir)
+
+
 def test_classifier_is_cached_and_reused(data, cache_dir, monkeypatch):
     params = _cached_params(data, cache_dir)
     files = list(cache_dir.glob("fashion_classifier_*.npz"))

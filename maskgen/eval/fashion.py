@@ -7,7 +7,10 @@ Numbers, from a classifier trained on the real training split (`classifier.py`):
     classifier's penultimate feature space (FID's recipe with a domain model);
   * frechet_floor: the same distance for as many real *training* images:
     what a perfect generator would score at this sample count;
-  * real_test_accuracy: the classifier's own accuracy on the real test split.
+  * real_test_accuracy: the classifier's own accuracy on the real test split;
+  * reconstruction_frechet (when `reconstructions` are given): the same
+    distance for a tokenizer's reconstructions of real images, the best
+    Fréchet a generator on that tokenizer can reach.
 """
 import numpy as np
 
@@ -16,11 +19,12 @@ from maskgen.eval import classifier, frechet
 
 def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 1000, mesh=None,
                     config: classifier.TrainConfig = classifier.TrainConfig(), seed: int = 0,
-                    progress: bool = True):
+                    progress: bool = True, reconstructions=None):
     """uint8 images [N, 28, 28(, 1)] generated for `labels` [N] -> dict of quality numbers.
 
     `train` and `test` are (images, labels) of the real splits; the classifier
-    is trained on `train` once and cached in `cache_dir`.
+    is trained on `train` once and cached in `cache_dir`. `reconstructions`
+    (uint8, optional) are a tokenizer's encode-decode of real images.
     """
     images, labels = classifier.check_data(images, labels, "generated")
     if images.shape[0] < 2:
@@ -42,11 +46,20 @@ def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 10
     per_class = [float(correct[labels == c].mean()) if np.any(labels == c) else None
                  for c in range(classifier.NUM_CLASSES)]
     test_stats = frechet.feature_stats(real_test["features"])
-    return {
+
+    def distance_to_test(features):
+        return frechet.frechet_distance(*frechet.feature_stats(features), *test_stats)
+
+    report = {
         "num_samples": int(images.shape[0]),
         "class_accuracy": float(correct.mean()),
         "per_class_accuracy": per_class,
-        "frechet": frechet.frechet_distance(*frechet.feature_stats(generated["features"]), *test_stats),
-        "frechet_floor": frechet.frechet_distance(*frechet.feature_stats(real_train["features"]), *test_stats),
+        "frechet": distance_to_test(generated["features"]),
+        "frechet_floor": distance_to_test(real_train["features"]),
         "real_test_accuracy": float(np.mean(np.argmax(real_test["logits"], axis=1) == test_labels)),
     }
+    if reconstructions is not None:
+        recon, _ = classifier.check_data(reconstructions, np.zeros(len(reconstructions), np.int32),
+                                         "reconstructed")
+        report["reconstruction_frechet"] = distance_to_test(run(recon)["features"])
+    return report
