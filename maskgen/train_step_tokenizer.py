@@ -39,9 +39,19 @@ def check_train_config(tcfg):
 
 
 def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float,
-                    features_fn: Optional[Callable] = None):
-    """train_step(state, batch, key) -> (state, metrics); state.extra holds the discriminator."""
+                    features_fn: Optional[Callable] = None, gate_with_cond: Optional[bool] = None):
+    """train_step(state, batch, key) -> (state, metrics); state.extra holds the discriminator.
+
+    Before `disc_start_step` the discriminator keeps its state. `gate_with_cond`
+    picks how: True skips its update with `lax.cond` (no work before the start);
+    False always computes it and selects the old state (`jnp.where`). None picks
+    select on CPU, where XLA runs the conditional's branch ~6x slower than the
+    same ops outside one (fashion_mnist tokenizer with GAN: 1.79 s vs 0.27 s per
+    step), and cond elsewhere. Both give the same numbers to float32 rounding (tested).
+    """
     check_train_config(tcfg)
+    if gate_with_cond is None:
+        gate_with_cond = jax.default_backend() != "cpu"
     l1_w, l2_w = float(tcfg.l1_weight), float(tcfg.l2_weight)
     gan_w, disc_start = float(tcfg.gan_weight), int(tcfg.disc_start_step)
     percept_w = float(tcfg.perceptual_weight) if features_fn is not None else 0.0
@@ -136,9 +146,15 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             shapes = jax.eval_shape(lambda o: disc_update(o)[1], operand)
             return operand, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
-        if use_gan:
+        if use_gan and gate_with_cond:
             (d_params, d_opt, ema), d_metrics = jax.lax.cond(
                 state.step >= disc_start, disc_update, disc_skip, operand)
+        elif use_gan:
+            updated, d_metrics = disc_update(operand)
+            on = state.step >= disc_start
+            (d_params, d_opt, ema), d_metrics = jax.tree.map(
+                lambda new, old: jnp.where(on, new, old), (updated, d_metrics),
+                (operand, disc_skip(operand)[1]))
         else:
             (d_params, d_opt, ema), d_metrics = operand, {}
         metrics = dict(metrics, **d_metrics, grad_norm=optax.tree.norm(grads),
