@@ -59,12 +59,17 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
     start = time.perf_counter()
     samples = sampler.generate(labels, seed=seed, batch_size=batch_size, progress=progress)
     sample_seconds = time.perf_counter() - start
-    reconstruct = _reconstruct_fn(bundle)
-    recon = reconstruction_error(test[0][:2000], reconstruct, batch_size=250)
-    # As many reconstructions as samples, so their Fréchet compares with the samples' and the floor's.
+    reconstruct, kept = _reconstruct_fn(bundle), []
+
+    def reconstruct_and_keep(batch):
+        kept.append(reconstruct(batch))
+        return kept[-1]
+
+    # One pass: the error over >= 2000 test images, and as many reconstructions as samples for a
+    # Fréchet comparable with the samples' and the floor's.
     count = min(len(labels), len(test[0]))
-    recon_images = np.concatenate([reconstruct(test[0][i:i + batch_size])
-                                   for i in range(0, count, batch_size)]).astype(np.uint8)
+    recon = reconstruction_error(test[0][:max(2000, count)], reconstruct_and_keep, batch_size=250)
+    recon_images = np.concatenate(kept)[:count].astype(np.uint8)
     report = fashion_quality(samples["images"], labels, cache_dir, train=train, test=test,
                              config=classifier, progress=progress, reconstructions=recon_images)
     report.update(reconstruction_mse=float(recon["mse"]), reconstruction_psnr=float(recon["psnr"]),
