@@ -26,6 +26,7 @@ import numpy as np
 
 from maskgen import axes
 from maskgen.models.attention import attend  # noqa: F401 - re-exported
+from maskgen.models.dropout import Dropout, keep_mask, keep_probability
 from maskgen.tokens import OFFICIAL_MASK_ID
 
 Dtype = Any
@@ -72,7 +73,7 @@ class Embed(nn.Module):
             self.max_len, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=_param(_init, (axes.POSITIONS, axes.EMBED)))
         self.embeddings_ln = _layer_norm("embeddings_ln", self.dtype, self.param_dtype)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
 
     def __call__(self, ids_BxL, positions_BxL, deterministic: bool):
         x = self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
@@ -109,7 +110,6 @@ class SelfAttention(nn.Module):
             param_dtype=self.param_dtype, name="out",
             kernel_init=_param(_init, (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
             bias_init=_param(nn.initializers.zeros, (axes.EMBED,)))
-        self.attn_dropout = nn.Dropout(self.dropout_rate)
 
     def __call__(self, x_BxLxD, deterministic: bool, kv=None, positions_BxN=None):
         """Full attention, or (given `kv` and `positions`) rows x attending over the cache.
@@ -120,9 +120,11 @@ class SelfAttention(nn.Module):
         if kv is not None:
             k = scatter_rows(kv[0], k, positions_BxN)
             v = scatter_rows(kv[1], v, positions_BxN)
-        dropout = None if deterministic or self.dropout_rate == 0 else (
-            lambda p: self.attn_dropout(p, deterministic=False))
-        y = attend(q, k, v, self.dtype, dropout)
+        keep = None
+        if not deterministic and self.dropout_rate > 0:
+            batch, queries, heads, _ = q.shape
+            keep = keep_mask(self.make_rng("dropout"), (heads, batch, queries, k.shape[1]), self.dropout_rate)
+        y = attend(q, k, v, self.dtype, keep, keep_probability(self.dropout_rate))
         return self.out(y), (k, v)
 
 
@@ -141,7 +143,7 @@ class Attention(nn.Module):
         self.self_attention = SelfAttention(
             self.hidden_size, self.num_heads, self.attention_dropout_rate,
             self.dtype, self.param_dtype)
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
         self.attention_output_ln = _layer_norm("attention_output_ln", self.dtype, self.param_dtype)
 
     def __call__(self, x, deterministic: bool, kv=None, positions=None):
@@ -167,7 +169,7 @@ class Mlp(nn.Module):
             self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_param(_init, (axes.MLP, axes.EMBED)),
             bias_init=_param(nn.initializers.zeros, (axes.EMBED,)))
-        self.dropout = nn.Dropout(self.dropout_rate)
+        self.dropout = Dropout(self.dropout_rate)
         self.layer_output_ln = _layer_norm("layer_output_ln", self.dtype, self.param_dtype)
 
     def __call__(self, x, deterministic: bool):
