@@ -13,6 +13,7 @@ def test_rate_is_quantised_to_one_256th():
     assert drop_threshold(0.0) == 0 and keep_probability(0.0) == 1.0
     assert drop_threshold(0.1) == 26 and keep_probability(0.1) == pytest.approx(230 / 256)
     assert drop_threshold(0.5) == 128
+    assert drop_threshold(0.001) == 1  # a nonzero rate keeps some dropout (1/256)
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout rate"):
             drop_threshold(bad)

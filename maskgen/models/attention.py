@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from maskgen.models.dropout import apply_keep
+
 
 def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL=None, keep_prob: float = 1.0):
     """Softmax attention of N queries over L keys (no mask: fully bidirectional).
@@ -37,16 +39,12 @@ def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL=None, keep_prob:
     scale = jnp.asarray(1.0 / np.sqrt(q_BxNxHxK.shape[-1]), q_BxNxHxK.dtype)
     q_HxBxNxK, k_HxBxLxK, v_HxBxLxK = (
         jnp.moveaxis(t, 2, 0) for t in (q_BxNxHxK * scale, k_BxLxHxK, v_BxLxHxK))
-    if keep_HxBxNxL is not None and keep_HxBxNxL.shape != q_HxBxNxK.shape[:3] + k_HxBxLxK.shape[2:3]:
-        raise ValueError(f"dropout mask shape {keep_HxBxNxL.shape} is not [H, B, N, L] = "
-                         f"{q_HxBxNxK.shape[:3] + k_HxBxLxK.shape[2:3]}")
+    expected_HxBxNxL = q_HxBxNxK.shape[:3] + k_HxBxLxK.shape[2:3]
+    if keep_HxBxNxL is not None and keep_HxBxNxL.shape != expected_HxBxNxL:
+        raise ValueError(f"dropout mask shape {keep_HxBxNxL.shape} is not [H, B, N, L] = {expected_HxBxNxL}")
     out_HxBxNxK = _attend_heads(jnp.dtype(dtype), float(keep_prob),
                                 q_HxBxNxK, k_HxBxLxK, v_HxBxLxK, keep_HxBxNxL)
     return jnp.moveaxis(out_HxBxNxK, 0, 2)
-
-
-def _dropped(x, keep, keep_prob):
-    return x if keep is None else jnp.where(keep, x * (1.0 / keep_prob), jnp.zeros_like(x))
 
 
 def _head_forward(dtype, keep_prob, q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL):
@@ -55,7 +53,7 @@ def _head_forward(dtype, keep_prob, q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL):
     top = jnp.max(logits, axis=-1, keepdims=True)
     unnormalised = jnp.exp(logits - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    weights = _dropped(unnormalised, keep_BxNxL, keep_prob).astype(dtype)
+    weights = apply_keep(unnormalised, keep_BxNxL, keep_prob).astype(dtype)
     out = jnp.einsum("bnl,blk->bnk", weights, v_BxLxK).astype(jnp.float32) / total
     return out.astype(dtype), top + jnp.log(total)
 
@@ -86,8 +84,8 @@ def _attend_heads_bwd(dtype, keep_prob, residuals, g_HxBxNxK):
         q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL, lse_BxNx1, g_BxNxK, delta_BxNx1 = head
         logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
         probs = jnp.exp(logits - lse_BxNx1)
-        dv = jnp.einsum("bnl,bnk->blk", _dropped(probs, keep_BxNxL, keep_prob).astype(dtype), g_BxNxK)
-        d_probs = _dropped(jnp.einsum("bnk,blk->bnl", g_BxNxK, v_BxLxK).astype(jnp.float32),
+        dv = jnp.einsum("bnl,bnk->blk", apply_keep(probs, keep_BxNxL, keep_prob).astype(dtype), g_BxNxK)
+        d_probs = apply_keep(jnp.einsum("bnk,blk->bnl", g_BxNxK, v_BxLxK).astype(jnp.float32),
                            keep_BxNxL, keep_prob)
         d_logits = (probs * (d_probs - delta_BxNx1)).astype(dtype)
         dq = jnp.einsum("bnl,blk->bnk", d_logits, k_BxLxK)

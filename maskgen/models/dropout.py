@@ -6,7 +6,7 @@ XLA:CPU threefry makes ~90M words/s on two cores, so at the medium preset
 took ~40% of the training step (bench/README.md, "train step"). Here each
 32-bit word is split into four 8-bit lanes and an element is kept when its
 lane is >= round(rate * 256). The rate is therefore quantised to 1/256 (0.1
-becomes 26/256 = 0.1016); kept elements are scaled by the *actual* 1 / keep
+becomes 26/256 = 0.1016, a nonzero rate never rounds to 0); kept elements are scaled by the *actual* 1 / keep
 probability, so the layer stays unbiased. Threefry stays the generator, so
 masks are the same under any sharding (`jax_threefry_partitionable`).
 """
@@ -19,10 +19,12 @@ LANES = 4  # 8-bit lanes per 32-bit random word
 
 
 def drop_threshold(rate: float) -> int:
-    """Lane values below this are dropped."""
+    """Lane values below this are dropped (a nonzero rate never rounds to no dropout)."""
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must lie in [0, 1), got {rate}")
-    return min(int(round(rate * 256)), 255)
+    if rate == 0.0:
+        return 0
+    return min(max(int(round(rate * 256)), 1), 255)
 
 
 def keep_probability(rate: float) -> float:
@@ -38,6 +40,13 @@ def keep_mask(key, shape, rate: float):
     return lanes >= jnp.uint8(drop_threshold(rate))
 
 
+def apply_keep(x, keep, keep_prob: float):
+    """Inverted dropout with a given mask: kept entries / keep_prob, dropped ones 0."""
+    if keep is None:
+        return x
+    return jnp.where(keep, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros_like(x))
+
+
 class Dropout(nn.Module):
     """Inverted dropout with `keep_mask`; a drop-in for `nn.Dropout` (no parameters)."""
     rate: float
@@ -48,5 +57,4 @@ class Dropout(nn.Module):
         if deterministic or self.rate == 0.0:
             return x
         keep = keep_mask(self.make_rng(self.rng_collection), x.shape, self.rate)
-        scale = jnp.asarray(1.0 / keep_probability(self.rate), x.dtype)
-        return jnp.where(keep, x * scale, jnp.zeros_like(x))
+        return apply_keep(x, keep, keep_probability(self.rate))
