@@ -53,7 +53,7 @@ for _path in (REPO, BENCH):
         sys.path.insert(0, _path)
 
 from maskgen import config_io, flops, scheduler  # noqa: E402
-from maskgen.models.layout import seq_len, token_grid, token_layout  # noqa: E402
+from maskgen.models.sizes import seq_len, token_grid, token_layout  # noqa: E402
 from maskgen.sampling import decode_config_from  # noqa: E402
 
 METHODS = ("plain", "recap", "matched")
@@ -144,9 +144,9 @@ def apply_overrides(cfg, overrides):
 def random_model(config_name: str, seed: int = 0, overrides=()) -> Model:
     """Random weights at a config's size (the cost of decoding does not depend on the values)."""
     from flax.core import meta
-    from maskgen import builders
+    from maskgen.models import factory
     cfg = apply_overrides(load_config(config_name), overrides)
-    module = builders.transformer_model(cfg)
+    module = factory.transformer_model(cfg)
     example = jnp.zeros((1, seq_len(cfg)), jnp.int32)
     params = meta.unbox(jax.jit(module.init)(jax.random.key(seed), example)["params"])
     name = os.path.splitext(os.path.basename(config_name))[0]

@@ -28,11 +28,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maskgen import builders, config_io, flops, optim, train_state  # noqa: E402
+from maskgen.models import factory
+from maskgen import config_io, flops, optim, train_state  # noqa: E402
 from maskgen import sharding as shd  # noqa: E402
 from maskgen import train_step_tokenizer as tts  # noqa: E402
 from maskgen import train_step_transformer as tst  # noqa: E402
-from maskgen.models.layout import seq_len, token_layout  # noqa: E402
+from maskgen.models.sizes import seq_len, token_layout  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results", "train_step.json")
 
@@ -71,7 +72,7 @@ def _jit(step_fn, shardings, batch_sh, mesh):
 
 def bench_transformer(cfg, mesh, steps: int):
     layout, length = token_layout(cfg), seq_len(cfg)
-    model = builders.transformer_model(cfg)
+    model = factory.transformer_model(cfg)
     tcfg = cfg.transformer_train
     tx, lr = optim.adamw(tcfg, 1000)
     step_fn = tst.make_train_step(model, layout, tx, lr, tcfg, tcfg.ema_decay)
@@ -94,7 +95,7 @@ def bench_transformer(cfg, mesh, steps: int):
 
 
 def bench_tokenizer(cfg, mesh, steps: int, batch: int):
-    vqgan, disc = builders.tokenizer_model(cfg), builders.discriminator_model(cfg)
+    vqgan, disc = factory.tokenizer_model(cfg), factory.discriminator_model(cfg)
     tcfg = cfg.tokenizer_train
     with tcfg.unlocked():
         tcfg.disc_start_step = 0  # time the full step (generator + discriminator + R1)

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskgen import builders
+from maskgen.models import factory
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
-from maskgen.models.layout import seq_len, token_grid, token_layout
+from maskgen.models.sizes import seq_len, token_grid, token_layout
 from maskgen.models.transformer import Transformer
 from maskgen.tokens import TokenLayout
 
@@ -62,7 +62,7 @@ def _config(workdir: str, config) -> ml_collections.ConfigDict:
     if isinstance(config, ml_collections.ConfigDict):
         return config
     if config is not None:
-        return config_io.load_config_file(config)
+        return config_io.resolve_config(config)
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         raise ValueError(f"{workdir} has no config.json; pass config= (the config file it was trained with)")
     return config_io.read_config(workdir)
@@ -97,10 +97,10 @@ def load(path: Union[str, os.PathLike], config=None, device=None) -> Bundle:
     workdir, transformer_step = _split_path(path)
     cfg = _config(workdir, config)
     device = device or jax.local_devices()[0]
-    tokenizer = builders.tokenizer_model(cfg)
+    tokenizer = factory.tokenizer_model(cfg)
     layout, grid = token_layout(cfg), token_grid(cfg)
     length = seq_len(cfg)
-    transformer = builders.transformer_model(cfg)
+    transformer = factory.transformer_model(cfg)
     image_shape = (int(cfg.image_size), int(cfg.image_size), int(cfg.image_channels))
 
     tok_abstract = _abstract_params(tokenizer, jnp.zeros((1,) + image_shape, jnp.float32), device)

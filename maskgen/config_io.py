@@ -10,6 +10,8 @@ import os
 
 import ml_collections
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def load_config_file(path: str, arg=None) -> ml_collections.ConfigDict:
     """Runs `get_config()` (or `get_config(arg)`) of a Python config file."""
@@ -54,3 +56,26 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{workdir} has no config.json: not a maskgen training directory")
     with open(path) as f:
         return from_json(f.read())
+
+
+def _config_dirs() -> list[str]:
+    return [os.path.join(os.getcwd(), "configs"), os.path.join(_REPO, "configs")]
+
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+    """A maskgen config from a ConfigDict, a config file path, or a name in configs/ ('imagenet256')."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    if not isinstance(config, (str, os.PathLike)):
+        raise ValueError(f"config must be a name, a path or a ConfigDict, got {type(config).__name__}")
+    name = os.fspath(config)
+    if os.path.isfile(name):
+        return load_config_file(name)
+    for directory in _config_dirs():
+        for candidate in (name, name + ".py"):
+            path = os.path.join(directory, candidate)
+            if os.path.isfile(path):
+                return load_config_file(path)
+    known = sorted({f[:-3] for d in _config_dirs() if os.path.isdir(d)
+                    for f in os.listdir(d) if f.endswith(".py") and f != "common.py"})
+    raise ValueError(f"unknown config {name!r}: not a file, and not one of {known}")

@@ -22,46 +22,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskgen import builders
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
 from maskgen import official
-from maskgen.models.layout import seq_len
+from maskgen.config_io import resolve_config  # noqa: F401 - public here since the first release
+from maskgen.models import factory
+from maskgen.models.sizes import seq_len
 
 KINDS = ("tokenizer", "transformer")
 CONVERTED_STEP = 0
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config_dirs():
-    return [os.path.join(os.getcwd(), "configs"), os.path.join(_REPO, "configs")]
-
-
-def resolve_config(config) -> ml_collections.ConfigDict:
-    """A maskgen config from a ConfigDict, a config file path, or a name in configs/ ('imagenet256')."""
-    if isinstance(config, ml_collections.ConfigDict):
-        return config
-    if not isinstance(config, (str, os.PathLike)):
-        raise ValueError(f"config must be a name, a path or a ConfigDict, got {type(config).__name__}")
-    name = os.fspath(config)
-    if os.path.isfile(name):
-        return config_io.load_config_file(name)
-    for directory in _config_dirs():
-        for candidate in (name, name + ".py"):
-            path = os.path.join(directory, candidate)
-            if os.path.isfile(path):
-                return config_io.load_config_file(path)
-    known = sorted({f[:-3] for d in _config_dirs() if os.path.isdir(d)
-                    for f in os.listdir(d) if f.endswith(".py") and f != "common.py"})
-    raise ValueError(f"unknown config {name!r}: not a file, and not one of {known}")
-
-
 def build_model(kind: str, cfg):
     """The maskgen module the config builds for `kind`."""
     if kind == "tokenizer":
-        return builders.tokenizer_model(cfg)
+        return factory.tokenizer_model(cfg)
     if kind == "transformer":
-        return builders.transformer_model(cfg)
+        return factory.transformer_model(cfg)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from maskgen.models.layout import token_layout
+from maskgen import config_io
+from maskgen.models import factory
+from maskgen.models.sizes import token_layout
 from maskgen.models.transformer import Transformer, check_input_ids
 from maskgen.models.vqgan import VQGAN, check_images, check_token_ids
 from maskgen.scheduler import DecodeConfig, decode
@@ -188,9 +190,8 @@ def load_transformer(path, num_classes: int = 1000, config=None) -> OfficialTran
         model = transformer_from_shapes(variables["params"], what)
         layout = _layout_for(model.vocab_size, num_classes)
     else:
-        from maskgen import convert
-        cfg = convert.resolve_config(config)
-        model, layout = convert.build_model("transformer", cfg), token_layout(cfg)
+        cfg = config_io.resolve_config(config)
+        model, layout = factory.transformer_model(cfg), token_layout(cfg)
     check_tree(variables["params"], _abstract_params(model, jnp.zeros((1, model.max_len), jnp.int32)),
                what)
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
@@ -270,8 +271,7 @@ def _abstract_params(model, example):
 def _tokenizer_model(params: dict, config, what: str) -> VQGAN:
     fields = tokenizer_config_from_shapes(params, what)
     if config is not None and not isinstance(config, dict):
-        from maskgen import convert
-        return convert.build_model("tokenizer", convert.resolve_config(config))
+        return factory.tokenizer_model(config_io.resolve_config(config))
     if config is not None:
         unknown = sorted(set(config) - {f.name for f in dataclasses.fields(VQGAN)}
                          - {"parent", "name"})
@@ -282,7 +282,7 @@ def _tokenizer_model(params: dict, config, what: str) -> VQGAN:
     if "dtype" in fields:
         fields["dtype"] = jnp.dtype(fields["dtype"])
     model = VQGAN(**fields)
-    model._check_config()
+    model.check_config()
     return model
 
 

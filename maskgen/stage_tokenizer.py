@@ -1,6 +1,6 @@
 """Tokenizer stage: VQGAN + discriminator training on images.
 
-Models come from `maskgen.builders` (see there how `cfg.discriminator` maps
+Models come from `maskgen.models.factory` (see there how `cfg.discriminator` maps
 onto the discriminator). A perceptual loss runs when `perceptual_weight > 0`; its feature network is the
 Inception-v3 of `maskgen.eval` loaded from the `.npz` named by
 `perceptual_weights` (pool features; no LPIPS weights ship offline).
@@ -21,7 +21,7 @@ from maskgen import sharding as shd
 from maskgen import train_state
 from maskgen import train_step_tokenizer as tts
 from maskgen import trainer
-from maskgen.builders import discriminator_model, tokenizer_model
+from maskgen.models.factory import discriminator_model, tokenizer_model
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from maskgen import token_cache
 from maskgen import train_state
 from maskgen import train_step_transformer as tst
 from maskgen import trainer
-from maskgen.builders import tokenizer_model, transformer_model
+from maskgen.models.factory import tokenizer_model, transformer_model
 from maskgen.bundle import Bundle
-from maskgen.models.layout import seq_len, token_grid, token_layout
+from maskgen.models.sizes import seq_len, token_grid, token_layout
 
 log = logging.getLogger(__name__)
 

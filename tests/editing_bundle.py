@@ -9,10 +9,10 @@ import ml_collections
 import numpy as np
 from flax.core import meta
 
-from maskgen import builders
+from maskgen.models import factory
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
-from maskgen.models.layout import seq_len
+from maskgen.models.sizes import seq_len
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import VQGAN
 from maskgen.tokens import TokenLayout
@@ -85,8 +85,8 @@ def save_small_checkpoint(root) -> pathlib.Path:
     cfg.sampling.steps = 4
     config_io.write_config(cfg, os.fspath(root))
     size, channels = int(cfg.image_size), int(cfg.image_channels)
-    _save_stage(root / "tokenizer", random_params(builders.tokenizer_model(cfg),
+    _save_stage(root / "tokenizer", random_params(factory.tokenizer_model(cfg),
                                                   jnp.zeros((1, size, size, channels)), seed=0))
-    _save_stage(root / "transformer", random_params(builders.transformer_model(cfg),
+    _save_stage(root / "transformer", random_params(factory.transformer_model(cfg),
                                                     jnp.zeros((1, seq_len(cfg)), jnp.int32), seed=1))
     return root

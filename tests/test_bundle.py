@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskgen import builders
+from maskgen.models import factory
 from maskgen import bundle as bundle_lib
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
-from maskgen.models.layout import seq_len
+from maskgen.models.sizes import seq_len
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def workdir(tmp_path_factory):
     cfg = config_io.load_config_file(os.path.join(REPO, "configs/debug.py"))
     root = tmp_path_factory.mktemp("bundle") / "run"
     config_io.write_config(cfg, str(root))
-    tok, tf = builders.tokenizer_model(cfg), builders.transformer_model(cfg)
+    tok, tf = factory.tokenizer_model(cfg), factory.transformer_model(cfg)
     tok_p = _params(tok, jnp.zeros((1, 16, 16, 3)), 0)
     tf_p = _params(tf, jnp.zeros((1, seq_len(cfg)), jnp.int32), 1)
     _save(root / "tokenizer", 4, tok_p, _scaled(tok_p, 0.5))

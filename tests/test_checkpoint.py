@@ -15,8 +15,8 @@ from maskgen import optim
 from maskgen import sharding as shd
 from maskgen import train_state
 from maskgen import train_step_transformer as tst
-from maskgen.models.layout import seq_len, token_layout
-from maskgen.models.transformer import build_transformer
+from maskgen.models.sizes import seq_len, token_layout
+from maskgen.models.factory import transformer_from_block
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
@@ -30,7 +30,7 @@ def _parts(mlp_dim=64):
     cfg = config_io.load_config_file("configs/debug.py")
     cfg.transformer.update(dict(num_layers=1, mlp_dim=mlp_dim))
     layout, length = token_layout(cfg), seq_len(cfg)
-    model = build_transformer(cfg.transformer, layout, length)
+    model = transformer_from_block(cfg.transformer, layout, length)
     tx, lr = optim.adamw(cfg.transformer_train, 10)
     step_fn = tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, 0.9)
     return cfg, layout, length, step_fn, tst.make_init(model, tx, length)

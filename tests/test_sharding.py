@@ -9,8 +9,8 @@ from maskgen import optim
 from maskgen import sharding as shd
 from maskgen import train_state
 from maskgen import train_step_transformer as tst
-from maskgen.models.layout import seq_len, token_layout
-from maskgen.models.transformer import build_transformer
+from maskgen.models.sizes import seq_len, token_layout
+from maskgen.models.factory import transformer_from_block
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
@@ -58,7 +58,7 @@ def test_resolve_spec_rules():
 def _setup(cfg, num_steps=10):
     layout = token_layout(cfg)
     length = seq_len(cfg)
-    model = build_transformer(cfg.transformer, layout, length)
+    model = transformer_from_block(cfg.transformer, layout, length)
     tx, lr = optim.adamw(cfg.transformer_train, num_steps)
     step_fn = tst.make_train_step(model, layout, tx, lr, cfg.transformer_train,
                                   cfg.transformer_train.ema_decay)

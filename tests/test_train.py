@@ -244,12 +244,13 @@ def test_lr_schedule_warmup_cosine_and_decay_mask():
 
 def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
     """LeCam + adaptive weight (the end-to-end run covers R1 + fixed weight); cond gate vs select gate."""
-    from maskgen import builders, optim, train_state
+    from maskgen.models import factory
+    from maskgen import optim, train_state
     from maskgen import train_step_tokenizer as tts
     cfg = _debug_cfg(**{"tokenizer_train.regularizer": "lecam", "tokenizer_train.lecam_weight": 0.1,
                         "tokenizer_train.adaptive_gan_weight": True, "tokenizer_train.disc_start_step": 1})
     tcfg = cfg.tokenizer_train
-    vqgan, disc = builders.tokenizer_model(cfg), builders.discriminator_model(cfg)
+    vqgan, disc = factory.tokenizer_model(cfg), factory.discriminator_model(cfg)
     tx, lr = optim.adamw(tcfg, 10)
     disc_tx, _ = optim.adamw(tcfg, 10, learning_rate=tcfg.disc_learning_rate)
     step = jax.jit(tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, 0.9, gate_with_cond=True))
@@ -285,11 +286,12 @@ def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
 
 
 def test_bfloat16_activations_keep_float32_parameters():
-    from maskgen import builders, optim, train_state
-    from maskgen.models.layout import seq_len, token_layout
+    from maskgen.models import factory
+    from maskgen import optim, train_state
+    from maskgen.models.sizes import seq_len, token_layout
     cfg = _debug_cfg(**{"transformer.dtype": "bfloat16", "transformer.num_layers": 1})
     layout, length = token_layout(cfg), seq_len(cfg)
-    model = builders.transformer_model(cfg)
+    model = factory.transformer_model(cfg)
     tx, lr = optim.adamw(cfg.transformer_train, 10)
     step = jax.jit(tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, 0.9))
     state = train_state.materialize(tst.make_init(model, tx, length), jax.random.key(0), None)

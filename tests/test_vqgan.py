@@ -11,8 +11,9 @@ import pytest
 
 from maskgen import axes
 from maskgen.models import conv as conv_lib
-from maskgen.models.vqgan import (VQGAN, VectorQuantizer, build_tokenizer, check_images,
+from maskgen.models.vqgan import (VQGAN, VectorQuantizer, check_images,
                                   check_token_ids, count_params)
+from maskgen.models.factory import tokenizer_from_block
 
 OFFICIAL_SMALL = dict(codebook_size=64, embedding_dim=16, filters=32, num_res_blocks=1,
                       channel_multipliers=(1, 1, 1, 1, 2))
@@ -297,20 +298,20 @@ def test_build_tokenizer_from_config():
         codebook_size=64, embedding_dim=16, filters=32, num_res_blocks=1,
         channel_multipliers=[1, 1, 1, 1, 2], image_channels=3, norm_groups=32,
         commitment_cost=0.25, dtype="bfloat16", conv_impl="matmul"))
-    model = build_tokenizer(cfg)
+    model = tokenizer_from_block(cfg)
     assert model.channel_multipliers == (1, 1, 1, 1, 2) and model.dtype == jnp.bfloat16
     assert model.conv_impl == "matmul" and model.downsample_factor == 16
     assert model.last_layer_name == "Conv_5"
     with pytest.raises(ValueError, match="unknown keys"):
-        build_tokenizer({**cfg.to_dict(), "filtres": 3})
+        tokenizer_from_block({**cfg.to_dict(), "filtres": 3})
     with pytest.raises(ValueError, match="misses keys"):
-        build_tokenizer({k: v for k, v in cfg.items() if k != "filters"})
+        tokenizer_from_block({k: v for k, v in cfg.items() if k != "filters"})
     with pytest.raises(ValueError, match="norm_groups"):
-        build_tokenizer({**cfg.to_dict(), "filters": 24})
+        tokenizer_from_block({**cfg.to_dict(), "filters": 24})
     with pytest.raises(ValueError, match="conv_impl"):
-        build_tokenizer({**cfg.to_dict(), "conv_impl": "fft"})
+        tokenizer_from_block({**cfg.to_dict(), "conv_impl": "fft"})
     with pytest.raises(ValueError, match="dtype"):
-        build_tokenizer({**cfg.to_dict(), "dtype": "float33"})
+        tokenizer_from_block({**cfg.to_dict(), "dtype": "float33"})
 
 
 def test_upsample_nearest_equals_image_resize():

@@ -296,16 +296,6 @@ class Transformer(nn.Module):
         return self._run(ids_BxN, positions_BxN, deterministic, num_logits, kv)[0]
 
 
-def build_transformer(cfg, layout, seq_len: int) -> Transformer:
-    """Builds the transformer from a config's `transformer` block and a TokenLayout."""
-    t = cfg
-    return Transformer(
-        vocab_size=layout.vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
-        num_heads=t.num_heads, mlp_dim=t.mlp_dim, max_len=seq_len,
-        dropout_rate=t.dropout_rate, attention_dropout_rate=t.get("attention_dropout_rate", t.dropout_rate),
-        dtype=jnp.dtype(t.get("dtype", "float32")))
-
-
 def check_input_ids(ids, vocab_size: int, max_len: int):
     """Host-side validation of transformer input ids (jitted code cannot raise)."""
     ids = np.asarray(ids)

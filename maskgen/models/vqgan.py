@@ -33,7 +33,8 @@ from maskgen.models.conv import (Conv, avg_pool_down, check_conv_impl, group_nor
 Dtype = Any
 
 
-def _dtype(name_or_dtype) -> Dtype:
+def parse_dtype(name_or_dtype) -> Dtype:
+    """A dtype from a config string; an unknown name is a ValueError, not numpy's TypeError."""
     try:
         return jnp.dtype(name_or_dtype)
     except TypeError as err:
@@ -236,7 +237,7 @@ class VQGAN(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        self._check_config()
+        self.check_config()
         common = dict(filters=self.filters, num_res_blocks=self.num_res_blocks,
                       channel_multipliers=tuple(self.channel_multipliers),
                       norm_groups=self.norm_groups, conv_impl=self.conv_impl,
@@ -249,7 +250,8 @@ class VQGAN(nn.Module):
             entropy_temperature=self.entropy_temperature, param_dtype=self.param_dtype)
         self.decoder = Decoder(out_channels=self.image_channels, **common)
 
-    def _check_config(self):
+    def check_config(self) -> None:
+        """Raises ValueError for field combinations the architecture cannot build."""
         check_conv_impl(self.conv_impl)
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must name at least one level")
@@ -317,28 +319,6 @@ class VQGAN(nn.Module):
 TOKENIZER_CONFIG_KEYS = ("codebook_size", "embedding_dim", "filters", "num_res_blocks",
                          "channel_multipliers", "image_channels", "norm_groups",
                          "commitment_cost", "dtype")
-_OPTIONAL_KEYS = ("entropy_loss_ratio", "entropy_temperature", "image_size", "conv_impl")
-
-
-def build_tokenizer(cfg) -> VQGAN:
-    """VQGAN from a ConfigDict/mapping with `TOKENIZER_CONFIG_KEYS` (+ optional extras).
-
-    Optional keys: entropy_loss_ratio, entropy_temperature, image_size, conv_impl.
-    Unknown keys raise, so a typo does not silently fall back to a default.
-    """
-    keys = set(cfg.keys())
-    missing = [k for k in TOKENIZER_CONFIG_KEYS if k not in keys]
-    if missing:
-        raise ValueError(f"tokenizer config misses keys {missing}")
-    unknown = sorted(keys - set(TOKENIZER_CONFIG_KEYS) - set(_OPTIONAL_KEYS))
-    if unknown:
-        raise ValueError(f"tokenizer config has unknown keys {unknown}")
-    kwargs = {k: cfg[k] for k in keys}
-    kwargs["channel_multipliers"] = tuple(int(m) for m in kwargs["channel_multipliers"])
-    kwargs["dtype"] = _dtype(kwargs["dtype"])
-    model = VQGAN(**kwargs)
-    model._check_config()
-    return model
 
 
 def count_params(params) -> int:

@@ -1,4 +1,4 @@
-"""Sizes derived from a config: token layout, token grid, sequence length."""
+"""Sizes a config implies: the token-id vocabulary, the token grid, the sequence length."""
 from maskgen.tokens import TokenLayout
 
 
