@@ -40,7 +40,7 @@ def main(argv):
     log = logging.getLogger("maskgen")
     log.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__, jax.process_index(),
              jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-    from maskgen import trainer
+    from maskgen.training import trainer
     trainer.train_and_evaluate(cfg, FLAGS.workdir)
     if jax.process_index() == 0:
         print(trainer.summary(FLAGS.workdir), flush=True)

@@ -29,10 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from maskgen.models import factory
-from maskgen import config_io, flops, optim, train_state  # noqa: E402
+from maskgen import config_io, flops  # noqa: E402
+from maskgen.training import optimizer, train_state  # noqa: E402
 from maskgen import sharding as shd  # noqa: E402
-from maskgen import train_step_tokenizer as tts  # noqa: E402
-from maskgen import train_step_transformer as tst  # noqa: E402
+from maskgen.training import tokenizer_step as tts  # noqa: E402
+from maskgen.training import transformer_step as tst  # noqa: E402
 from maskgen.models.sizes import seq_len, token_layout  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results", "train_step.json")
@@ -74,7 +75,7 @@ def bench_transformer(cfg, mesh, steps: int):
     layout, length = token_layout(cfg), seq_len(cfg)
     model = factory.transformer_model(cfg)
     tcfg = cfg.transformer_train
-    tx, lr = optim.adamw(tcfg, 1000)
+    tx, lr = optimizer.adamw(tcfg, 1000)
     step_fn = tst.make_train_step(model, layout, tx, lr, tcfg, tcfg.ema_decay)
     state, shardings, _ = train_state.init_sharded(tst.make_init(model, tx, length), jax.random.key(0), mesh)
     b = cfg.batch_size
@@ -99,8 +100,8 @@ def bench_tokenizer(cfg, mesh, steps: int, batch: int):
     tcfg = cfg.tokenizer_train
     with tcfg.unlocked():
         tcfg.disc_start_step = 0  # time the full step (generator + discriminator + R1)
-    tx, lr = optim.adamw(tcfg, 1000)
-    disc_tx, _ = optim.adamw(tcfg, 1000, learning_rate=tcfg.disc_learning_rate)
+    tx, lr = optimizer.adamw(tcfg, 1000)
+    disc_tx, _ = optimizer.adamw(tcfg, 1000, learning_rate=tcfg.disc_learning_rate)
     step_fn = tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, tcfg.ema_decay)
     shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
     init = tts.make_init(vqgan, disc, tx, disc_tx, shape)

@@ -16,6 +16,8 @@ Layout of a config (every key is overridable as `--config.a.b=value`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from maskgen.sampling import SAMPLING_DEFAULTS
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -42,11 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_layers=24, hidden_size=768, num_heads=16, mlp_dim=3072,
         dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32"))
 
-    c.sampling = ml_collections.ConfigDict(dict(
-        steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0,
-        temperature_end=placeholder(float),
-        top_k=0, top_p=1.0, guidance_scale=1.0, guidance_schedule="constant",
-        order="confidence", recap_full_only_steps=0, recap_cheap_per_full=0))
+    # One set of decoding defaults, shared with bundles that carry no sampling block.
+    c.sampling = ml_collections.ConfigDict(dict(SAMPLING_DEFAULTS, temperature_end=placeholder(float)))
 
     c.stages = ("tokenizer", "transformer")
     c.num_train_steps = 100_000

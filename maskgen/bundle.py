@@ -104,11 +104,12 @@ def load(path: Union[str, os.PathLike], config=None, device=None) -> Bundle:
     image_shape = (int(cfg.image_size), int(cfg.image_size), int(cfg.image_channels))
 
     tok_abstract = _abstract_params(tokenizer, jnp.zeros((1,) + image_shape, jnp.float32), device)
-    tf_abstract = _abstract_params(transformer, jnp.zeros((1, length), jnp.int32), device)
+    transformer_abstract = _abstract_params(transformer, jnp.zeros((1, length), jnp.int32), device)
     tok_params, tok_step = _restore_ema(os.path.join(workdir, "tokenizer"), tok_abstract, None)
-    tf_params, tf_step = _restore_ema(os.path.join(workdir, "transformer"), tf_abstract, transformer_step)
-    log.info("bundle: tokenizer step %d, transformer step %d from %s", tok_step, tf_step, workdir)
+    transformer_params, trained_step = _restore_ema(os.path.join(workdir, "transformer"),
+                                                    transformer_abstract, transformer_step)
+    log.info("bundle: tokenizer step %d, transformer step %d from %s", tok_step, trained_step, workdir)
     return Bundle(tokenizer=tokenizer, transformer=transformer,
-                  params={"tokenizer": tok_params, "transformer": tf_params}, config=cfg,
+                  params={"tokenizer": tok_params, "transformer": transformer_params}, config=cfg,
                   layout=layout, image_shape=image_shape, token_grid=tuple(grid),
-                  steps={"tokenizer": tok_step, "transformer": tf_step})
+                  steps={"tokenizer": tok_step, "transformer": trained_step})

@@ -20,7 +20,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io

@@ -35,14 +35,12 @@ import numpy as np
 from PIL import Image
 
 from maskgen import masks, scheduler
-from maskgen.sampling import decode_config_from, recap_config_from
+from maskgen.sampling import SAMPLING_DEFAULTS, decode_config_from, recap_config_from, sampling_block
 from maskgen.scheduler import DecodeConfig, RecapConfig
 from maskgen.scheduler.keys import as_key_array
 
-# Used when a bundle carries no `sampling` config block.
-DEFAULT_SAMPLING = dict(steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0,
-                        top_k=0, top_p=1.0, guidance_scale=1.0, guidance_schedule="constant",
-                        order="confidence", recap_full_only_steps=0, recap_cheap_per_full=0)
+# Used when a bundle carries no `sampling` config block (kept as a public name).
+DEFAULT_SAMPLING = SAMPLING_DEFAULTS
 # The official class-editing demo decodes 12 steps starting at step 2.
 EDIT_STEPS, EDIT_START_STEP = 12, 2
 
@@ -198,8 +196,8 @@ def _decode_windows(params, canvas, origins, keys, class_token, *, transformer, 
 def _sampling_block(model) -> dict:
     config = getattr(model, "config", None)
     if config is not None and "sampling" in config:
-        return dict(config["sampling"])
-    return dict(DEFAULT_SAMPLING)
+        return sampling_block(config["sampling"])
+    return sampling_block()
 
 
 def _int_option(value, name: str) -> int:

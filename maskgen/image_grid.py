@@ -2,6 +2,8 @@
 import os
 import tempfile
 
+from typing import Optional
+
 import numpy as np
 from PIL import Image
 
@@ -25,7 +27,23 @@ def make_grid(images, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarr
     return grid
 
 
-def _atomic(path, write):
+def float_grid(images: np.ndarray, cols: Optional[int] = None) -> np.ndarray:
+    """[N, H, W, C] floats in [0, 1] -> one uint8 [rows*H, cols*W, C] mosaic (1-px gaps)."""
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    if images.ndim != 4:
+        raise ValueError(f"float_grid expects [N, H, W, C], got shape {images.shape}")
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = images[i]
+    return np.round(grid * 255).astype(np.uint8)
+
+
+def atomic_write(path, write) -> None:
+    """Calls write(tmp) on a temporary file beside `path`, then renames it onto `path`."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -45,8 +63,9 @@ def save_png(image, path, scale: int = 1) -> None:
     if scale > 1:
         image = image.repeat(scale, 0).repeat(scale, 1)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    _atomic(path, lambda tmp: pil.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def save_npz(path, **arrays) -> None:
-    _atomic(path, lambda tmp: np.savez(tmp, **arrays))
+    """Writes arrays to an .npz atomically."""
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

@@ -5,14 +5,14 @@ The official files are single msgpack blobs written by
 parameter trees, so loading is: read, infer the architecture from the shapes,
 check every tensor against the maskgen module, and wrap.
 
-    tf = official.load_transformer("maskgit_imagenet256_checkpoint")
-    logits = tf.logits(input_ids)            # float32 [B, L, 2025]
+    transformer = official.load_transformer("maskgit_imagenet256_checkpoint")
+    logits = transformer.logits(input_ids)          # float32 [B, L, 2025]
     tok = official.load_tokenizer("tokenizer_imagenet256_checkpoint")
     ids = tok.encode(images)                 # int [B, 16, 16] for [B, 256, 256, 3] in [0, 1]
-    seqs = official.generate(tf, class_ids, jax.random.PRNGKey(0), num_iter=8)
+    seqs = official.generate(transformer, class_ids, jax.random.PRNGKey(0), num_iter=8)
     images = tok.decode(seqs[:, 1:].reshape(-1, 16, 16))
 
-The plain Flax equivalent of `tf.logits(ids)` is `tf.model.apply(tf.variables, ids)`
+The plain Flax equivalent of `transformer.logits(ids)` is `transformer.model.apply(transformer.variables, ids)`
 (likewise `tok.model.apply(tok.variables, images, method="encode_to_indices")`).
 """
 import dataclasses

@@ -17,10 +17,33 @@ from tqdm import tqdm
 from maskgen import scheduler
 from maskgen.scheduler import DecodeConfig, RecapConfig
 
+# The `sampling` block's defaults: configs/common.py starts from these, and a
+# bundle without a `sampling` block (an official checkpoint) decodes with them.
+SAMPLING_DEFAULTS = dict(
+    steps=12, schedule="cosine", choice_temperature=4.5, temperature=1.0, temperature_end=None,
+    top_k=0, top_p=1.0, guidance_scale=1.0, guidance_schedule="constant", order="confidence",
+    recap_full_only_steps=0, recap_cheap_per_full=0)
+
+
+def sampling_block(sampling=None) -> dict:
+    """A `sampling` block with every key present: the given entries over SAMPLING_DEFAULTS.
+
+    Unknown keys raise, so a typo in an override does not silently decode with a default.
+    """
+    given = dict(sampling or {})
+    unknown = sorted(set(given) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sampling keys {unknown}; known: {sorted(SAMPLING_DEFAULTS)}")
+    return {**SAMPLING_DEFAULTS, **given}
+
 
 def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
-    """DecodeConfig from a config's `sampling` block (+ keyword overrides)."""
-    s = dict(sampling)
+    """DecodeConfig from a config's `sampling` block (+ keyword overrides).
+
+    The one reader of the block's decoding keys: training-time samples, `sample.py`,
+    the quality report and the editing API all come through here.
+    """
+    s = sampling_block(sampling)
     guidance = s.get("guidance_scale")
     options = dict(
         steps=int(s["steps"]), schedule=s["schedule"], choice_temperature=float(s["choice_temperature"]),
@@ -35,7 +58,7 @@ def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
 
 def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
     """RecapConfig from a config's `sampling` block; None when K (cheap per full) is 0."""
-    s = dict(sampling)
+    s = sampling_block(sampling)
     s.update(overrides)
     cheap = int(s.get("recap_cheap_per_full", 0))
     if cheap == 0:

@@ -11,10 +11,10 @@ import pytest
 
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
-from maskgen import optim
+from maskgen.training import optimizer
 from maskgen import sharding as shd
-from maskgen import train_state
-from maskgen import train_step_transformer as tst
+from maskgen.training import train_state
+from maskgen.training import transformer_step as tst
 from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.factory import transformer_from_block
 
@@ -31,7 +31,7 @@ def _parts(mlp_dim=64):
     cfg.transformer.update(dict(num_layers=1, mlp_dim=mlp_dim))
     layout, length = token_layout(cfg), seq_len(cfg)
     model = transformer_from_block(cfg.transformer, layout, length)
-    tx, lr = optim.adamw(cfg.transformer_train, 10)
+    tx, lr = optimizer.adamw(cfg.transformer_train, 10)
     step_fn = tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, 0.9)
     return cfg, layout, length, step_fn, tst.make_init(model, tx, length)
 

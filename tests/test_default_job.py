@@ -9,7 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses that train or sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

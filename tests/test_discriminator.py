@@ -73,7 +73,7 @@ def test_logits_are_per_image_and_conv_impls_agree(blur, impls):
         params = _random_params(model, images)
 
         @jax.jit
-        def logits_and_input_grad(x, model=model):
+        def logits_and_input_grad(x, model=model, params=params):
             logits, vjp = jax.vjp(lambda x: model.apply({"params": params}, x), x)
             return logits, vjp(jnp.ones_like(logits))[0]
 

@@ -1,5 +1,4 @@
 """sample.py --edit (maskgen.edit_cli): files written, same result as the API, bad input writes nothing."""
-import jax
 import numpy as np
 import pytest
 from absl import flags

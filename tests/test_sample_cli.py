@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from editing_bundle import REPO, save_small_checkpoint
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses that train or sample
 
 
 def _run(workdir, out, *args):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from maskgen import config_io
-from maskgen import optim
+from maskgen.training import optimizer
 from maskgen import sharding as shd
-from maskgen import train_state
-from maskgen import train_step_transformer as tst
+from maskgen.training import train_state
+from maskgen.training import transformer_step as tst
 from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.factory import transformer_from_block
 
@@ -59,7 +59,7 @@ def _setup(cfg, num_steps=10):
     layout = token_layout(cfg)
     length = seq_len(cfg)
     model = transformer_from_block(cfg.transformer, layout, length)
-    tx, lr = optim.adamw(cfg.transformer_train, num_steps)
+    tx, lr = optimizer.adamw(cfg.transformer_train, num_steps)
     step_fn = tst.make_train_step(model, layout, tx, lr, cfg.transformer_train,
                                   cfg.transformer_train.ema_decay)
     return layout, length, step_fn, tst.make_init(model, tx, length)

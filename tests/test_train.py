@@ -14,9 +14,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from maskgen import config_io
-from maskgen import input_pipeline
-from maskgen import trainer
-from maskgen import train_step_transformer as tst
+from maskgen.training import iterators
+from maskgen.training import trainer
+from maskgen.training import transformer_step as tst
 from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
 
@@ -94,20 +94,20 @@ def test_label_dropout_needs_a_null_class():
 
 
 def test_epoch_sampler_splits_batches_over_processes_and_resumes():
-    whole = input_pipeline.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
-    parts = [input_pipeline.EpochSampler(10, 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    whole = iterators.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
+    parts = [iterators.EpochSampler(10, 4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
     for _ in range(7):  # crosses epoch boundaries
         full = whole.indices(whole.next_positions())
         split = np.concatenate([s.indices(s.next_positions()) for s in parts])
         np.testing.assert_array_equal(full, split)
     first_epoch = whole.indices(np.arange(10))
     assert sorted(first_epoch) == list(range(10))
-    resumed = input_pipeline.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
+    resumed = iterators.EpochSampler(10, 4, seed=3, process_index=0, process_count=1)
     resumed.set_state(whole.get_state())
     np.testing.assert_array_equal(resumed.indices(resumed.next_positions()),
                                   whole.indices(whole.next_positions()))
     with pytest.raises(ValueError, match="another data config"):
-        input_pipeline.EpochSampler(12, 4, seed=3).set_state(whole.get_state())
+        iterators.EpochSampler(12, 4, seed=3).set_state(whole.get_state())
 
 
 def _env():
@@ -227,36 +227,36 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
 
 
 def test_lr_schedule_warmup_cosine_and_decay_mask():
-    from maskgen import optim
-    lr = optim.lr_schedule(1.0, num_steps=110, warmup_steps=10, kind="cosine")
+    from maskgen.training import optimizer
+    lr = optimizer.lr_schedule(1.0, num_steps=110, warmup_steps=10, kind="cosine")
     np.testing.assert_allclose([float(lr(s)) for s in (0, 4, 9)], [0.1, 0.5, 1.0], rtol=1e-6)
     np.testing.assert_allclose(float(lr(60)), 0.5, atol=1e-6)  # half way through the cosine
     assert float(lr(110)) < 1e-6 and float(lr(500)) < 1e-6
-    const = optim.lr_schedule(0.3, num_steps=5, kind="constant")
+    const = optimizer.lr_schedule(0.3, num_steps=5, kind="constant")
     assert float(const(0)) == pytest.approx(0.3) and float(const(100)) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="unknown lr_schedule"):
-        optim.lr_schedule(1.0, 10, kind="step")
+        optimizer.lr_schedule(1.0, 10, kind="step")
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
-    assert optim.decay_mask(params) == {"kernel": True, "bias": False}
-    ema = optim.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
+    assert optimizer.decay_mask(params) == {"kernel": True, "bias": False}
+    ema = optimizer.ema_update({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 0.9)
     np.testing.assert_allclose(ema["w"], 0.1, rtol=1e-6)
 
 
 def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
     """LeCam + adaptive weight (the end-to-end run covers R1 + fixed weight); cond gate vs select gate."""
     from maskgen.models import factory
-    from maskgen import optim, train_state
-    from maskgen import train_step_tokenizer as tts
+    from maskgen.training import optimizer, train_state
+    from maskgen.training import tokenizer_step as tts
     cfg = _debug_cfg(**{"tokenizer_train.regularizer": "lecam", "tokenizer_train.lecam_weight": 0.1,
                         "tokenizer_train.adaptive_gan_weight": True, "tokenizer_train.disc_start_step": 1})
     tcfg = cfg.tokenizer_train
     vqgan, disc = factory.tokenizer_model(cfg), factory.discriminator_model(cfg)
-    tx, lr = optim.adamw(tcfg, 10)
-    disc_tx, _ = optim.adamw(tcfg, 10, learning_rate=tcfg.disc_learning_rate)
+    tx, lr = optimizer.adamw(tcfg, 10)
+    disc_tx, _ = optimizer.adamw(tcfg, 10, learning_rate=tcfg.disc_learning_rate)
     step = jax.jit(tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, 0.9, gate_with_cond=True))
     init = tts.make_init(vqgan, disc, tx, disc_tx, (16, 16, 3))
     state = train_state.materialize(init, jax.random.key(0), None)
-    images = np.stack([input_pipeline.synthetic_image(0, i, 4, 16, 3)[0] for i in range(4)])
+    images = np.stack([iterators.synthetic_image(0, i, 4, 16, 3)[0] for i in range(4)])
     batch = {"image": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
     d0 = jax.device_get(state.extra["disc_params"])
     state, m0 = step(state, batch, jax.random.key(1))
@@ -287,12 +287,12 @@ def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
 
 def test_bfloat16_activations_keep_float32_parameters():
     from maskgen.models import factory
-    from maskgen import optim, train_state
+    from maskgen.training import optimizer, train_state
     from maskgen.models.sizes import seq_len, token_layout
     cfg = _debug_cfg(**{"transformer.dtype": "bfloat16", "transformer.num_layers": 1})
     layout, length = token_layout(cfg), seq_len(cfg)
     model = factory.transformer_model(cfg)
-    tx, lr = optim.adamw(cfg.transformer_train, 10)
+    tx, lr = optimizer.adamw(cfg.transformer_train, 10)
     step = jax.jit(tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, 0.9))
     state = train_state.materialize(tst.make_init(model, tx, length), jax.random.key(0), None)
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ checkpointable:
 """
 import dataclasses
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 from absl import flags
 import grain

@@ -18,7 +18,7 @@ from maskgen.eval import classifier, frechet
 
 
 def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 1000, mesh=None,
-                    config: classifier.TrainConfig = classifier.TrainConfig(), seed: int = 0,
+                    config: classifier.TrainConfig | None = None, seed: int = 0,
                     progress: bool = True, reconstructions=None):
     """uint8 images [N, 28, 28(, 1)] generated for `labels` [N] -> dict of quality numbers.
 
@@ -26,6 +26,7 @@ def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 10
     is trained on `train` once and cached in `cache_dir`. `reconstructions`
     (uint8, optional) are a tokenizer's encode-decode of real images.
     """
+    config = classifier.TrainConfig() if config is None else config
     images, labels = classifier.check_data(images, labels, "generated")
     if images.shape[0] < 2:
         raise ValueError(f"need at least 2 generated images, got {images.shape[0]}")

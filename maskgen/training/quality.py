@@ -12,7 +12,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from maskgen.image_grid import _atomic
+from maskgen.image_grid import atomic_write
 
 QUALITY_DATASETS = ("fashion_mnist",)
 
@@ -79,7 +79,7 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
 
 def write_report(report: dict, path) -> None:
     text = json.dumps(report, indent=1, default=float)
-    _atomic(path, lambda tmp: open(tmp, "w").write(text))
+    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
 def format_report(report: dict) -> str:

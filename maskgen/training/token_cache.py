@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import tqdm
 
-from maskgen import input_pipeline
+from maskgen.training import iterators
 from maskgen import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def _meta(cfg, grid, tokenizer_dir, tokenizer_step) -> Dict:
                 channels=int(cfg.image_channels), grid=list(grid), tokenizer_dir=str(tokenizer_dir),
                 tokenizer_step=int(tokenizer_step), flipped=bool(cfg.dataset.random_flip),
                 max_examples=cfg.dataset.get("max_examples"))
-    if cfg.dataset.name == input_pipeline.SYNTHETIC:  # generated from the seed
+    if cfg.dataset.name == iterators.SYNTHETIC:  # generated from the seed
         meta.update(seed=int(cfg.seed), synthetic_examples=int(cfg.dataset.synthetic_examples))
     return meta
 
@@ -43,18 +43,18 @@ def _meta(cfg, grid, tokenizer_dir, tokenizer_step) -> Dict:
 def _local_image_batches(cfg, batch: int) -> Iterator[Dict[str, np.ndarray]]:
     """This process's shard of the train split, in stored order, unaugmented."""
     ds = cfg.dataset
-    if ds.name == input_pipeline.SYNTHETIC:
+    if ds.name == iterators.SYNTHETIC:
         n = int(ds.get("synthetic_examples", 256))
         per = n // jax.process_count()
         start = jax.process_index() * per
         for lo in range(start, start + per, batch):
-            pairs = [input_pipeline.synthetic_image(cfg.seed, i, cfg.num_classes, cfg.image_size,
+            pairs = [iterators.synthetic_image(cfg.seed, i, cfg.num_classes, cfg.image_size,
                                                     cfg.image_channels)
                      for i in range(lo, min(lo + batch, start + per))]
             yield {"image": np.stack([p[0] for p in pairs]),
                    "label": np.array([p[1] for p in pairs], np.int32)}
         return
-    grain_it = input_pipeline.GrainImages(ds, batch * jax.process_count(), cfg.seed, cfg.image_size,
+    grain_it = iterators.GrainImages(ds, batch * jax.process_count(), cfg.seed, cfg.image_size,
                                           cfg.image_channels, num_epochs=1, shuffle=False,
                                           augment=False, drop_remainder=False)
     yield from grain_it
@@ -115,7 +115,7 @@ def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: in
                 log.info("using token cache %s (%d examples)", path, len(f["labels"]))
                 return {k: f[k] for k in f.files if k != "meta"}
         log.warning("token cache %s was built for another setup; rebuilding it", path)
-    local_batch = input_pipeline.local_batch_size(global_batch)
+    local_batch = iterators.local_batch_size(global_batch)
     arrays = _encode_all(_local_image_batches(cfg, local_batch), encode_fn, mesh, local_batch,
                          bool(cfg.dataset.random_flip), check_stop)
     bad = arrays["labels"][(arrays["labels"] < 0) | (arrays["labels"] >= cfg.num_classes)]

@@ -8,24 +8,26 @@ Inception-v3 of `maskgen.eval` loaded from the `.npz` named by
 import functools
 import logging
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgen import checkpoint as ckpt_lib
-from maskgen import input_pipeline
-from maskgen import logging_utils
-from maskgen import optim
+from jax.sharding import Mesh
+
+from maskgen import image_grid
 from maskgen import sharding as shd
-from maskgen import train_state
-from maskgen import train_step_tokenizer as tts
-from maskgen import trainer
 from maskgen.models.factory import discriminator_model, tokenizer_model
+from maskgen.training import iterators, optimizer, rng, stage_setup
+from maskgen.training import tokenizer_step as tts
+from maskgen.training.loop import StageRun, StopSignal
 
 log = logging.getLogger(__name__)
 
 STAGE = "tokenizer"
+
+
 def perceptual_features(tcfg):
     """Feature function for the perceptual loss, or None when it is off."""
     if not tcfg.perceptual_weight:
@@ -59,39 +61,26 @@ def make_reconstructor(vqgan, mesh, num: int = 8):
 
     def sample(state, step):
         images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
-        return logging_utils.image_grid(np.concatenate([images, recon]), cols=len(images))
+        return image_grid.float_grid(np.concatenate([images, recon]), cols=len(images))
     return sample, fixed
 
 
-def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
+def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None) -> StageRun:
     """The tokenizer stage's StageRun (state restored from WORKDIR/tokenizer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     vqgan, disc = tokenizer_model(cfg), discriminator_model(cfg)
     batch = int(scfg.batch_size)
-    if batch % shd.batch_divisor(mesh):
-        raise ValueError(f"tokenizer batch_size {batch} is not divisible by the "
-                         f"{shd.batch_divisor(mesh)} devices of the mesh's data x fsdp axes")
+    stage_setup.check_batch_divisible(STAGE, batch, mesh)
     num_steps = int(scfg.num_train_steps)
-    tx, lr = optim.adamw(scfg, num_steps)
-    disc_tx, _ = optim.adamw(scfg, num_steps, learning_rate=scfg.disc_learning_rate)
+    tx, lr = optimizer.adamw(scfg, num_steps)
+    disc_tx, _ = optimizer.adamw(scfg, num_steps, learning_rate=scfg.disc_learning_rate)
     step_fn = tts.make_train_step(vqgan, disc, tx, disc_tx, lr, scfg, scfg.ema_decay,
                                   perceptual_features(scfg))
     image_shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
     init = tts.make_init(vqgan, disc, tx, disc_tx, image_shape)
-    abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
-
-    directory = os.path.join(workdir, STAGE)
-    checkpoints = ckpt_lib.StageCheckpoints(directory, keep=cfg.keep_checkpoints)
-    restored = checkpoints.restore(train_state.sharded_abstract(abstract, shardings).to_tree())
-    seed = int(cfg.seed)
-    data_iter = input_pipeline.image_iterator(cfg, batch, seed + 5)
-    if restored is None:
-        state = train_state.materialize(init, jax.random.fold_in(jax.random.key(seed), 4), shardings)
-    else:
-        tree, data_state, step = restored
-        state = train_state.TrainState.from_tree(tree)
-        data_iter.set_state(input_pipeline.local_state(data_state))
-        log.info("%s: resumed from step %d", STAGE, step)
+    start = stage_setup.restore_or_init(STAGE, cfg, workdir, init, mesh, rules)
+    data_iter = iterators.image_iterator(cfg, batch, rng.data_seed(cfg.seed, "tokenizer_data"))
+    start.resume_iterator(data_iter)
 
     sample_fn, fixed = make_reconstructor(vqgan, mesh)
     batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
@@ -101,10 +90,9 @@ def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
         fixed.setdefault("images", batch["image"])  # never donated: the step donates only the state
         return batch
 
-    jitted = shd.jit_sharded(trainer.with_key(step_fn, seed, 6), (shardings, batch_sh),
-                             (shardings, shd.replicated(mesh)), donate_argnums=(0,))
-    return trainer.StageRun(
-        name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
-        data_iter=data_iter, checkpoints=checkpoints, num_steps=num_steps,
+    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh)
+    return StageRun(
+        name=STAGE, directory=os.path.join(workdir, STAGE), state=start.state, step_fn=jitted,
+        next_batch=next_batch, data_iter=data_iter, checkpoints=start.checkpoints, num_steps=num_steps,
         checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
         sample_fn=sample_fn)

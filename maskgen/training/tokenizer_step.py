@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maskgen import optim
-from maskgen import train_state
+from maskgen.training import optimizer
+from maskgen.training import train_state
 from maskgen import vq_losses
 
 REGULARIZERS = ("r1", "lecam", "none")
@@ -161,7 +161,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state,
-            ema_params=optim.ema_update(state.ema_params, params, ema_decay),
+            ema_params=optimizer.ema_update(state.ema_params, params, ema_decay),
             extra=dict(extra, disc_params=d_params, disc_opt_state=d_opt, lecam_ema=ema))
         return new_state, metrics
 

@@ -18,19 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from maskgen import checkpoint as ckpt_lib
-from maskgen import input_pipeline
-from maskgen import logging_utils
-from maskgen import optim
-from maskgen import quality
+from maskgen import image_grid
 from maskgen import sharding as shd
-from maskgen import token_cache
-from maskgen import train_state
-from maskgen import train_step_transformer as tst
-from maskgen import trainer
-from maskgen.models.factory import tokenizer_model, transformer_model
 from maskgen.bundle import Bundle
+from maskgen.models.factory import tokenizer_model, transformer_model
 from maskgen.models.sizes import seq_len, token_grid, token_layout
+from maskgen.sampling import decode_config_from
+from maskgen.scheduler import DecodeConfig, decode
+from maskgen.tokens import TokenLayout
+from maskgen.training import iterators, optimizer, quality, rng, stage_setup, token_cache, train_state
+from maskgen.training import transformer_step as tst
+from maskgen.training.loop import StageRun, StopSignal
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +78,13 @@ def _encoder(tokenizer, params, mesh):
     return lambda images: jitted(params, images)
 
 
-def decode_config(cfg, layout):
-    """DecodeConfig for periodic samples from `cfg.sampling`."""
-    from maskgen.scheduler import DecodeConfig
-    s = cfg.sampling
-    guided = layout.null_class_id is not None and float(s.guidance_scale) != 1.0
-    return DecodeConfig(
-        steps=int(s.steps), schedule=s.schedule, choice_temperature=float(s.choice_temperature),
-        temperature=float(s.temperature), top_k=int(s.top_k) or None,
-        top_p=None if float(s.top_p) >= 1.0 else float(s.top_p),
-        guidance_scale=float(s.guidance_scale) if guided else None,
-        guidance_schedule=s.guidance_schedule, order=s.order, grid_shape=tuple(token_grid(cfg)))
+def decode_config(cfg, layout: TokenLayout) -> DecodeConfig:
+    """DecodeConfig for periodic samples: `cfg.sampling` read by `sampling.decode_config_from`.
+
+    Guidance needs a null class; a config without one samples unguided.
+    """
+    overrides = {} if layout.null_class_id is not None else {"guidance_scale": None}
+    return decode_config_from(cfg.sampling, token_grid(cfg), **overrides)
 
 
 def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
@@ -95,7 +92,6 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
 
     The images come back replicated, so every host can read them (process 0 writes).
     """
-    from maskgen.scheduler import decode
     config = decode_config(cfg, layout)
     h, w = token_grid(cfg)
     labels = np.arange(num) % layout.num_real_classes
@@ -111,41 +107,27 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
 
     def sample(state, step):
         images = generate(state.ema_params, tok_params, ids, jax.random.key(cfg.seed))
-        return logging_utils.image_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
+        return image_grid.float_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
     return sample
 
 
-def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
+def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None) -> StageRun:
     """The transformer stage's StageRun (state restored from WORKDIR/transformer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     layout, length, grid = token_layout(cfg), seq_len(cfg), token_grid(cfg)
     model = transformer_model(cfg)
     batch = int(scfg.batch_size)
-    if batch % shd.batch_divisor(mesh):
-        raise ValueError(f"transformer batch_size {batch} is not divisible by the "
-                         f"{shd.batch_divisor(mesh)} devices of the mesh's data x fsdp axes")
-    tx, lr = optim.adamw(scfg, scfg.num_train_steps)
+    stage_setup.check_batch_divisible(STAGE, batch, mesh)
+    tx, lr = optimizer.adamw(scfg, scfg.num_train_steps)
     step_fn = tst.make_train_step(model, layout, tx, lr, scfg, scfg.ema_decay)
     init = tst.make_init(model, tx, length)
-    abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
-
-    directory = os.path.join(workdir, STAGE)
-    checkpoints = ckpt_lib.StageCheckpoints(directory, keep=cfg.keep_checkpoints)
-    restored = checkpoints.restore(train_state.sharded_abstract(abstract, shardings).to_tree())
-    seed = int(cfg.seed)
-    if restored is None:
-        state = train_state.materialize(init, jax.random.fold_in(jax.random.key(seed), 1), shardings)
-        data_state = None
-    else:
-        tree, data_state, step = restored
-        state = train_state.TrainState.from_tree(tree)
-        log.info("%s: resumed from step %d", STAGE, step)
+    start = stage_setup.restore_or_init(STAGE, cfg, workdir, init, mesh, rules)
 
     tokenizer = tok_params = None
     num_tokens = grid[0] * grid[1]
-    data_seed = seed + 2
-    if cfg.dataset.name == input_pipeline.SYNTHETIC_TOKENS:
-        data_iter = input_pipeline.SyntheticTokens(
+    data_seed = rng.data_seed(cfg.seed, "transformer_data")
+    if cfg.dataset.name == iterators.SYNTHETIC_TOKENS:
+        data_iter = iterators.SyntheticTokens(
             cfg.dataset.get("synthetic_examples", 256), batch, data_seed, layout.num_real_classes,
             num_tokens, layout.codebook_size)
         encode = None
@@ -157,13 +139,12 @@ def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
             encode_batch = batch * max(1, ENCODE_BATCH // batch)
             arrays = token_cache.build_or_load(cfg, workdir, encode, mesh, encode_batch, grid, tok_dir, tok_step,
                                                check_stop=stop.check if stop is not None else None)
-            data_iter = input_pipeline.TokenCache(arrays["tokens"], arrays["labels"], batch, data_seed,
-                                                  arrays.get("tokens_flipped"))
+            data_iter = iterators.TokenCacheReader(arrays["tokens"], arrays["labels"], batch, data_seed,
+                                                 arrays.get("tokens_flipped"))
             encode = None
         else:
-            data_iter = input_pipeline.image_iterator(cfg, batch, data_seed)
-    if data_state is not None:
-        data_iter.set_state(input_pipeline.local_state(data_state))
+            data_iter = iterators.image_iterator(cfg, batch, data_seed)
+    start.resume_iterator(data_iter)
 
     def next_batch():
         local = next(data_iter)
@@ -174,17 +155,17 @@ def build(cfg, scfg, workdir: str, mesh, stop=None) -> trainer.StageRun:
         return {"tokens": tokens, "label": shd.global_batch({"label": local["label"]}, mesh)["label"]}
 
     batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "label": shd.batch_sharding(mesh, 1)}
-    jitted = shd.jit_sharded(trainer.with_key(step_fn, seed, 3), (shardings, batch_sh),
-                             (shardings, shd.replicated(mesh)), donate_argnums=(0,))
+    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh)
     sample_fn: Optional[object] = None
     eval_fn: Optional[object] = None
     if tokenizer is not None:
         sample_fn = make_sampler(cfg, model, layout, tokenizer, tok_params, mesh)
         if quality.supports_quality(cfg) and cfg.get("eval_num_samples", 0):
             eval_fn = make_quality_eval(cfg, workdir, model, layout, tokenizer, tok_params, grid)
-    return trainer.StageRun(
-        name=STAGE, directory=directory, state=state, step_fn=jitted, next_batch=next_batch,
-        data_iter=data_iter, checkpoints=checkpoints, num_steps=int(scfg.num_train_steps),
+    return StageRun(
+        name=STAGE, directory=os.path.join(workdir, STAGE), state=start.state, step_fn=jitted,
+        next_batch=next_batch, data_iter=data_iter, checkpoints=start.checkpoints,
+        num_steps=int(scfg.num_train_steps),
         checkpoint_every=int(scfg.checkpoint_every_steps), examples_per_step=batch,
         tokens_per_example=length, sample_fn=sample_fn, eval_fn=eval_fn)
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from maskgen import optim
-from maskgen import train_state
+from maskgen.training import optimizer
+from maskgen.training import train_state
 from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
 
@@ -102,7 +102,7 @@ def make_train_step(model, layout: TokenLayout, tx, lr_fn: Callable, tcfg, ema_d
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_params=optim.ema_update(state.ema_params, params, ema_decay))
+                                  ema_params=optimizer.ema_update(state.ema_params, params, ema_decay))
         return new_state, metrics
 
     return train_step

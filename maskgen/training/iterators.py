@@ -10,7 +10,7 @@ the checkpoint stores under `data/`:
                        labels computed from (seed, example index), no files;
   * `SyntheticTokens`  `dataset.name == "synthetic_tokens"`: token grids drawn the
                        same way, for transformer-only runs without a tokenizer;
-  * `TokenCache`       tokens of a pre-tokenised split (`maskgen.token_cache`).
+  * `TokenCacheReader` tokens of a pre-tokenised split (written by `maskgen.training.token_cache`).
 
 The in-memory ones share `EpochSampler`: a fresh permutation of the N examples
 per epoch from (seed, epoch); global batch k takes positions [k*B, (k+1)*B) of
@@ -163,7 +163,7 @@ class SyntheticTokens:
         self.sampler.set_state(state)
 
 
-class TokenCache:
+class TokenCacheReader:
     """Batches of cached tokens; with flipped tokens cached, a coin per position picks the view."""
 
     def __init__(self, tokens, labels, global_batch, seed, tokens_flipped=None):

@@ -1,4 +1,4 @@
-"""Console progress, TensorBoard event files and PNG sample grids.
+"""Console progress and TensorBoard event files of a training run.
 
 Only process 0 writes (files and the progress bar); the others stay quiet so
 a pod's logs are readable.
@@ -9,32 +9,9 @@ from typing import Dict, Optional
 
 import jax
 import numpy as np
-import PIL.Image
 import tqdm
 
 log = logging.getLogger(__name__)
-
-
-def image_grid(images: np.ndarray, cols: Optional[int] = None) -> np.ndarray:
-    """[N, H, W, C] floats in [0, 1] -> one uint8 [rows*H, cols*W, C] mosaic (1-px gaps)."""
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
-    if images.ndim != 4:
-        raise ValueError(f"image_grid expects [N, H, W, C], got shape {images.shape}")
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.float32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = images[i]
-    return np.round(grid * 255).astype(np.uint8)
-
-
-def save_png(path: str, grid_uint8: np.ndarray) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image = grid_uint8[..., 0] if grid_uint8.shape[-1] == 1 else grid_uint8
-    PIL.Image.fromarray(image).save(path)
-    return path
 
 
 class MetricWriter:
