@@ -52,7 +52,7 @@ for _path in (REPO, BENCH):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from maskgen import config_io, flops, scheduler  # noqa: E402
+from maskgen import config_io, flops, hardware, scheduler  # noqa: E402
 from maskgen.models.sizes import seq_len, token_grid, token_layout  # noqa: E402
 from maskgen.sampling import decode_config_from  # noqa: E402
 
@@ -118,27 +118,8 @@ def load_config(name: str):
 
 
 def apply_overrides(cfg, overrides):
-    """`a.b=value` strings onto a config, each value parsed as the type of the key it replaces."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
-        *parents, leaf = key.strip().split(".")
-        node = cfg
-        for name in parents:
-            if name not in node:
-                raise ValueError(f"--set {item!r}: the config has no key {key!r}")
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"--set {item!r}: the config has no key {key!r}")
-        old = node[leaf]
-        try:
-            value = type(old)(text) if isinstance(old, (int, float, str)) and not isinstance(old, bool) \
-                else json.loads(text)
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {text!r} is not a {type(old).__name__}") from None
-        node[leaf] = value
-    return cfg
+    """`a.b=value` strings onto a config (`config_io.apply_overrides`, errors naming --set)."""
+    return config_io.apply_overrides(cfg, overrides, flag="--set ")
 
 
 def random_model(config_name: str, seed: int = 0, overrides=()) -> Model:
@@ -447,7 +428,8 @@ def make_rows(model: Model, entries, stats, batch: int, peak: dict, guidance_sca
             cheap_calls={str(rows): calls for rows, calls in evaluation_counts(plan)[2].items()},
             schedule=str(model.cfg.sampling.schedule),
             guidance_scale=guidance_scale, repeats=repeats, device=device_description(),
-            date=date, jax=jax.__version__, note=note)
+            attention=str(model.cfg.transformer.get("attention", "scan")),
+            date=date, jax=jax.__version__, note=note, **hardware.cpu_info())
         plain = stats.get(Case(case.steps))
         if case.recap and plain is not None:
             row["speedup_vs_plain"] = plain["decode_s"] / s["decode_s"]
@@ -604,7 +586,10 @@ def parser():
 
 def main(argv=None):
     p = parser()
-    args = p.parse_args(argv)
+    # --config.a.b=value (train.py's override syntax) works as --set a.b=value.
+    rest, config_flags = config_io.split_config_flags(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(rest)
+    args.set = list(args.set) + config_flags
     try:
         check_args(args)
     except ValueError as e:

@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from maskgen.models import factory
-from maskgen import config_io, flops  # noqa: E402
+from maskgen import config_io, flops, hardware  # noqa: E402
 from maskgen.training import optimizer, train_state  # noqa: E402
 from maskgen import sharding as shd  # noqa: E402
 from maskgen.training import tokenizer_step as tts  # noqa: E402
@@ -39,9 +39,9 @@ from maskgen.models.sizes import seq_len, token_layout  # noqa: E402
 RESULTS = os.path.join(REPO, "bench", "results", "train_step.json")
 
 
-def load_config(name: str, batch: int, dtype: str):
-    path = name if name.endswith(".py") else os.path.join(REPO, "configs", f"{name}.py")
-    cfg = config_io.load_config_file(path)
+def load_config(name: str, batch: int, dtype: str, overrides=()):
+    """A config by name or path, at the bench's batch and dtype, with `--config.a.b=v` overrides."""
+    cfg = config_io.apply_overrides(config_io.resolve_config(name), overrides)
     cfg.batch_size = batch
     if dtype:
         cfg.transformer.dtype = dtype
@@ -144,7 +144,9 @@ def main(argv=None):
     parser.add_argument("--matmul_n", type=int, default=0, help="matmul size for the peak (0: auto)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--note", default="")
-    args = parser.parse_args(argv)
+    # --config.a.b=value (train.py's override syntax) applies to every config benchmarked.
+    rest, overrides = config_io.split_config_flags(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
     jobs = [("transformer", n) for n in args.config or ["debug", "medium"]]
     jobs += [("tokenizer", n) for n in args.tokenizer_config or ["debug", "fashion_mnist"]]
     mesh = shd.make_mesh(dict(data=-1, fsdp=1, tensor=1))
@@ -155,16 +157,20 @@ def main(argv=None):
     common = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   platform=device.platform, device_kind=device.device_kind, device_count=mesh.size,
                   host=platform.node(), jax=jax.__version__, matmul_n=n,
-                  matmul_fp32_flops_per_s=peak32, matmul_bf16_flops_per_s=peak16, note=args.note)
+                  matmul_fp32_flops_per_s=peak32, matmul_bf16_flops_per_s=peak16, note=args.note,
+                  **hardware.cpu_info())
     rows = []
     for stage, name in jobs:
-        cfg = load_config(name, args.batch, args.dtype)
+        cfg = load_config(name, args.batch, args.dtype, overrides)
         if stage == "transformer":
             r = bench_transformer(cfg, mesh, args.steps)
         else:
             r = bench_tokenizer(cfg, mesh, args.steps, args.tokenizer_batch)
         peak = peak16 if peak16 else peak32
-        row = dict(common, config=name, dtype=str(cfg.transformer.dtype),
+        row = dict(common, config=name, dtype=str(cfg.transformer.dtype), overrides=list(overrides),
+                   attention=str(cfg.transformer.get("attention", "scan")),
+                   remat=str(cfg.transformer.get("remat", "none")),
+                   prng_impl=str(cfg.get("prng_impl", "threefry2x32")),
                    batch=args.batch if stage == "transformer" else args.tokenizer_batch,
                    mfu=r["achieved_flops_per_s"] / peak, **r)
         rows.append(row)

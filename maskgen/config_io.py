@@ -7,6 +7,7 @@ original config file or command line.
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -79,3 +80,63 @@ def resolve_config(config) -> ml_collections.ConfigDict:
     known = sorted({f[:-3] for d in _config_dirs() if os.path.isdir(d)
                     for f in os.listdir(d) if f.endswith(".py") and f != "common.py"})
     raise ValueError(f"unknown config {name!r}: not a file, and not one of {known}")
+
+
+CONFIG_FLAG_PREFIX = "--config."
+
+
+def split_config_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, ["a.b=value", ...]) from argv's `--config.a.b=value` arguments.
+
+    Lets argparse-based scripts (the benches) take the same overrides as train.py's
+    ml_collections flags.
+    """
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith(CONFIG_FLAG_PREFIX):
+            body = arg[len(CONFIG_FLAG_PREFIX):]
+            if "=" not in body:
+                raise ValueError(f"{arg!r}: write config overrides as --config.KEY=VALUE")
+            overrides.append(body)
+        else:
+            rest.append(arg)
+    return rest, overrides
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str],
+                    flag: str = "--config.") -> ml_collections.ConfigDict:
+    """`a.b=value` strings onto a config, each value parsed as the type of the key it replaces.
+
+    Unknown keys raise (naming the flag), so a typo never benchmarks the default.
+    Keys whose current value is None or a list take JSON (`null`, `[1, 2]`) or a bare string.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"{flag}{item}: expected KEY=VALUE")
+        *parents, leaf = key.strip().split(".")
+        node = cfg
+        for name in parents:
+            if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+                raise ValueError(f"{flag}{item}: the config has no key {key!r}")
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"{flag}{item}: the config has no key {key!r}")
+        old = node[leaf]
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(old, (int, float, str)):
+                value = type(old)(text)
+            else:
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    value = text
+        except ValueError:
+            raise ValueError(f"{flag}{item}: {text!r} is not a {type(old).__name__}") from None
+        with cfg.unlocked():
+            node[leaf] = value
+    return cfg
