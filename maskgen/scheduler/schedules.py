@@ -61,11 +61,12 @@ def _formula(xp: ModuleType, name: str, r: ArrayLike, num_unknown: ArrayLike | N
     raise AssertionError(name)  # canonical_schedule() guards every caller
 
 
-def mask_ratio(name: str, r: ArrayLike, num_unknown: ArrayLike | None = None) -> np.ndarray | jax.Array:
+def mask_ratio(name: str, r: ArrayLike,
+               num_unknown: ArrayLike | None = None) -> np.ndarray | np.float32 | jax.Array:
     """Fraction of the unknown tokens left masked at progress `r`, clipped to [1e-6, 1].
 
-    `r` may be a python float, a numpy array (evaluated in float32 numpy) or a jax
-    array / tracer (evaluated with jnp, jit-friendly). `num_unknown` (N) is only
+    `r` may be a python float (-> np.float32), a numpy array (evaluated in float32 numpy)
+    or a jax array / tracer (evaluated with jnp, jit-friendly). `num_unknown` (N) is only
     read by `log` and `exp`, whose curves depend on it; N must exceed 1 there.
     """
     name = canonical_schedule(name)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 
 def guide(cond: jax.Array, uncond: jax.Array, weight: ArrayLike) -> jax.Array:
@@ -54,7 +54,7 @@ def filter_logits(logits: jax.Array, temperature: Optional[ArrayLike] = None, to
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def gumbel(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def gumbel(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
     """jax.random.gumbel(key, shape, dtype), drawn flat and reshaped."""
     return jax.random.gumbel(key, (math.prod(shape),), dtype).reshape(shape)
 
