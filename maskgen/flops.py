@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 
 def transformer_flops(num_layers: int, hidden: int, mlp: int, seq_len: int, num_logits: int,
@@ -26,7 +27,7 @@ def transformer_flops(num_layers: int, hidden: int, mlp: int, seq_len: int, num_
     return float(num_layers * per_layer + head)
 
 
-def matmul_flops_per_s(n: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:
+def matmul_flops_per_s(n: int = 1024, dtype: DTypeLike = jnp.float32, repeats: int = 10) -> float:
     """Best-of-`repeats` FLOP/s of an n x n x n matmul on the default device."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)

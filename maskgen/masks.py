@@ -17,13 +17,13 @@ import numpy as np
 DIRECTIONS = ("left", "right", "up", "down")
 
 
-def _as_int(value, name: str) -> int:
+def _as_int(value: object, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
-def box_mask(box, height: int, width: int) -> np.ndarray:
+def box_mask(box: Sequence[int], height: int, width: int) -> np.ndarray:
     """Box (top, left, height, width) in pixels -> bool [height, width]; must lie inside the image."""
     if len(box) != 4:
         raise ValueError(f"a box is (top, left, height, width), got {box!r}")
@@ -38,12 +38,12 @@ def box_mask(box, height: int, width: int) -> np.ndarray:
     return mask
 
 
-def is_box(mask_or_box) -> bool:
+def is_box(mask_or_box: np.ndarray | Sequence[int]) -> bool:
     """A flat sequence of four numbers is a box; anything two-dimensional is a pixel mask."""
     return np.ndim(mask_or_box) == 1 and len(mask_or_box) == 4
 
 
-def pixel_mask(mask_or_box, height: int, width: int) -> np.ndarray:
+def pixel_mask(mask_or_box: np.ndarray | Sequence[int], height: int, width: int) -> np.ndarray:
     """A bool/0-1 array [height, width] (True = regenerate) or a box -> bool [height, width]."""
     if is_box(mask_or_box):
         return box_mask(mask_or_box, height, width)
@@ -141,9 +141,9 @@ def blend(original: np.ndarray, generated: np.ndarray, weights: np.ndarray) -> n
     return np.where(w == 0.0, original, np.where(w == 1.0, generated, mixed))
 
 
-def outpaint_canvas(image_tokens: Tuple[int, int], direction=None, amount: Optional[int] = None,
-                    canvas: Optional[Tuple[int, int]] = None,
-                    offset: Optional[Tuple[int, int]] = None):
+def outpaint_canvas(image_tokens: Tuple[int, int], direction: str | Sequence[str] | None = None,
+                    amount: Optional[int] = None, canvas: Optional[Tuple[int, int]] = None,
+                    offset: Optional[Tuple[int, int]] = None) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """(canvas (Hc, Wc), offset (top, left)) in tokens for an image of `image_tokens` tokens.
 
     direction: "left" | "right" | "up" | "down" or several of them (list or comma

@@ -18,20 +18,22 @@ The plain Flax equivalent of `transformer.logits(ids)` is `transformer.model.app
 import dataclasses
 import os
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax.core import meta
+from jax.typing import ArrayLike
 
 from maskgen import config_io
 from maskgen.models import factory
 from maskgen.models.sizes import token_layout
 from maskgen.models.transformer import Transformer, check_input_ids
 from maskgen.models.vqgan import VQGAN, check_images, check_token_ids
-from maskgen.scheduler import DecodeConfig, decode
+from maskgen.scheduler import DecodeConfig, DecodeResult, decode
 from maskgen.scheduler.keys import batch_key
 from maskgen.tokens import TokenLayout
 
@@ -39,7 +41,7 @@ TOKENIZER_PARTS = ("encoder", "decoder", "quantizer")
 TRANSFORMER_PARTS = ("Embed_0", "MlmLayer_0")
 
 
-def read_official(path) -> dict:
+def read_official(path: str | os.PathLike) -> dict:
     """Reads an official checkpoint file into nested dicts of numpy arrays ({"params": ...})."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -135,33 +137,35 @@ class OfficialTransformer:
     layout: TokenLayout
     _decoders: Dict[DecodeConfig, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._jit_logits = jax.jit(lambda v, x: self.model.apply(v, x))
 
     @property
     def seq_len(self) -> int:
+        """L: 1 class token + the image tokens (the model's position table)."""
         return self.model.max_len
 
     @property
     def token_grid(self) -> tuple[int, int]:
+        """(h, w) of the square token grid the L - 1 image tokens form."""
         side = int(round((self.seq_len - 1) ** 0.5))
         return side, side
 
-    def logits(self, input_ids) -> jax.Array:
+    def logits(self, input_ids: ArrayLike) -> jax.Array:
         """float32 [B, L, vocab] for official-layout ids (class token at 0; -1 or mask id = masked)."""
         ids = check_input_ids(input_ids, self.layout.vocab_size, self.seq_len)
         return self._jit_logits(self.variables, jnp.asarray(ids, jnp.int32))
 
-    def logits_fn(self, num_logits=None):
+    def logits_fn(self, num_logits: Optional[int] = None) -> Callable[[jax.Array], jax.Array]:
         """A jit-friendly ids -> logits callable for the scheduler."""
         return lambda ids: self.model.apply(self.variables, ids, num_logits=num_logits)
 
-    def decoder(self, config: DecodeConfig):
+    def decoder(self, config: DecodeConfig) -> Callable[[dict, jax.Array, jax.Array], DecodeResult]:
         """Jitted (variables, ids [B, L], key) -> DecodeResult for `config`, compiled once per config."""
         if config not in self._decoders:
             layout, model = self.layout, self.model
 
-            def run(variables, ids, key):
+            def run(variables: dict, ids: jax.Array, key: jax.Array) -> DecodeResult:
                 logits_fn = lambda x: model.apply(variables, x, num_logits=layout.codebook_size)  # noqa: E731
                 return decode(logits_fn, ids, key, config, layout)
             self._decoders[config] = jax.jit(run)
@@ -175,7 +179,8 @@ def _layout_for(vocab_size: int, num_classes: int) -> TokenLayout:
     return TokenLayout(codebook, num_classes)
 
 
-def load_transformer(path, num_classes: int = 1000, config=None) -> OfficialTransformer:
+def load_transformer(path: str | os.PathLike, num_classes: int = 1000,
+                     config: str | os.PathLike | ml_collections.ConfigDict | None = None) -> OfficialTransformer:
     """Loads an official transformer checkpoint; the architecture is read off the shapes.
 
     num_classes: classes of the checkpoint (1000 for ImageNet); the codebook size is
@@ -237,7 +242,7 @@ class OfficialTokenizer:
     model: VQGAN
     variables: dict
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._jit_encode = jax.jit(
             lambda v, x: self.model.apply(v, x, method="encode_to_indices"))
         self._jit_decode = jax.jit(
@@ -245,30 +250,33 @@ class OfficialTokenizer:
 
     @property
     def codebook_size(self) -> int:
+        """Number of VQ codes (token ids 0..codebook_size-1)."""
         return self.model.codebook_size
 
     @property
     def downsample_factor(self) -> int:
+        """f: pixels per token along each side."""
         return self.model.downsample_factor
 
-    def encode(self, images) -> jax.Array:
+    def encode(self, images: ArrayLike) -> jax.Array:
         """Images float [B, H, W, C] in [0, 1] -> int32 token ids [B, H/f, W/f]."""
         images = jnp.asarray(images)
         check_images(images, self.model.image_channels, self.downsample_factor,
                      self.model.image_size)
         return self._jit_encode(self.variables, images.astype(jnp.float32))
 
-    def decode(self, ids) -> jax.Array:
+    def decode(self, ids: ArrayLike) -> jax.Array:
         """Token ids int [B, h, w] -> float32 images [B, h*f, w*f, C] (unclipped, nominally [0, 1])."""
         ids = check_token_ids(ids, self.codebook_size)
         return self._jit_decode(self.variables, jnp.asarray(ids, jnp.int32))
 
 
-def _abstract_params(model, example):
+def _abstract_params(model: Transformer | VQGAN, example: jax.Array) -> Any:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), example)["params"]
 
 
-def _tokenizer_model(params: dict, config, what: str) -> VQGAN:
+def _tokenizer_model(params: dict, config: dict | str | os.PathLike | ml_collections.ConfigDict | None,
+                     what: str) -> VQGAN:
     fields = tokenizer_config_from_shapes(params, what)
     if config is not None and not isinstance(config, dict):
         return factory.tokenizer_model(config_io.resolve_config(config))
@@ -286,7 +294,9 @@ def _tokenizer_model(params: dict, config, what: str) -> VQGAN:
     return model
 
 
-def load_tokenizer(path, config=None) -> OfficialTokenizer:
+def load_tokenizer(path: str | os.PathLike,
+                   config: dict | str | os.PathLike | ml_collections.ConfigDict | None = None
+                   ) -> OfficialTokenizer:
     """Loads an official VQGAN tokenizer checkpoint; the architecture is read off the shapes.
 
     Inferred: filters, num_res_blocks, channel_multipliers, embedding_dim,
@@ -309,7 +319,7 @@ def load_tokenizer(path, config=None) -> OfficialTokenizer:
 
 # ----------------------------------------------------------------------------- generation
 
-def class_input_ids(layout: TokenLayout, class_ids, seq_len: int) -> np.ndarray:
+def class_input_ids(layout: TokenLayout, class_ids: Sequence[int] | np.ndarray, seq_len: int) -> np.ndarray:
     """[B, L] int32: class token (label + codebook size) at 0, the mask id everywhere else."""
     labels = np.asarray(class_ids)
     if labels.ndim != 1 or labels.size == 0:
@@ -322,7 +332,8 @@ def class_input_ids(layout: TokenLayout, class_ids, seq_len: int) -> np.ndarray:
     return ids
 
 
-def generate(transformer: OfficialTransformer, class_ids, key, num_iter: int = 8,
+def generate(transformer: OfficialTransformer, class_ids: Sequence[int] | np.ndarray, key: ArrayLike,
+             num_iter: int = 8,
              choice_temperature: float = 4.5, schedule: str = "cosine") -> jax.Array:
     """int32 [B, L] tokens as the official `generate_samples` decodes them (class token at 0 kept).
 
@@ -338,7 +349,8 @@ def generate(transformer: OfficialTransformer, class_ids, key, num_iter: int = 8
     return result.tokens
 
 
-def generate_images(transformer: OfficialTransformer, tokenizer: OfficialTokenizer, class_ids, key,
+def generate_images(transformer: OfficialTransformer, tokenizer: OfficialTokenizer,
+                    class_ids: Sequence[int] | np.ndarray, key: ArrayLike,
                     num_iter: int = 8, choice_temperature: float = 4.5,
                     schedule: str = "cosine") -> jax.Array:
     """float32 images [B, H, W, C] (unclipped), as the official `generate_samples` returns them."""

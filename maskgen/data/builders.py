@@ -14,6 +14,8 @@ import hashlib
 import os
 import re
 import urllib.request
+from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 import PIL.Image
 import tensorflow_datasets as tfds
@@ -31,13 +33,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif",
 SPLIT_NAMES = ("train", "validation", "test")
 
 
-def default_data_dir():
+def default_data_dir() -> str:
     """The tfds default: $TFDS_DATA_DIR or ~/tensorflow_datasets."""
     return os.path.expanduser(
         os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def _subset_name(max_examples):
+def _subset_name(max_examples: Optional[int]) -> str:
     if max_examples is None:
         return ""
     if int(max_examples) < 1:
@@ -57,8 +59,8 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="full")]
 
-    def __init__(self, *, idx_dir=idx.FASHION_MNIST_DIR, max_examples=None,
-                 **kwargs):
+    def __init__(self, *, idx_dir: str | os.PathLike = idx.FASHION_MNIST_DIR,
+                 max_examples: Optional[int] = None, **kwargs: Any) -> None:
         self._idx_dir = os.fspath(idx_dir)
         self._max_examples = max_examples
         if max_examples is None:
@@ -67,7 +69,7 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             config = tfds.core.BuilderConfig(name=_subset_name(max_examples))
         super().__init__(config=config, **kwargs)
 
-    def _info(self):
+    def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             description="Zalando Fashion-MNIST, read from local IDX files.",
@@ -82,12 +84,13 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             license="MIT",
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(self, dl_manager: Any
+                          ) -> Dict[str, Iterator[Tuple[int, dict]]]:
         del dl_manager  # the files are local
         return {split: self._generate_examples(split)
                 for split in idx.FASHION_MNIST_FILES}
 
-    def _generate_examples(self, split):
+    def _generate_examples(self, split: str) -> Iterator[Tuple[int, dict]]:
         pixels, labels = idx.load_fashion_mnist_idx(split, self._idx_dir)
         count = len(labels) if self._max_examples is None else min(
             len(labels), int(self._max_examples))
@@ -96,20 +99,21 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                       "label": int(labels[i])}
 
 
-def _list_images(class_dir):
+def _list_images(class_dir: str) -> List[str]:
     return sorted(
         os.path.join(class_dir, f) for f in os.listdir(class_dir)
         if f.lower().endswith(IMAGE_EXTENSIONS)
         and os.path.isfile(os.path.join(class_dir, f)))
 
 
-def _subdirs(path):
+def _subdirs(path: str) -> List[str]:
     return sorted(d for d in os.listdir(path)
                   if os.path.isdir(os.path.join(path, d))
                   and not d.startswith("."))
 
 
-def scan_image_folder(root):
+def scan_image_folder(root: str | os.PathLike
+                      ) -> Tuple[List[str], Dict[str, List[Tuple[str, int]]]]:
     """Finds the splits, class names and files of an image folder.
 
     Layouts: `root/<class>/<image>` (one split, "train"), or
@@ -148,7 +152,8 @@ def scan_image_folder(root):
     return class_names, files
 
 
-def _folder_fingerprint(root, files):
+def _folder_fingerprint(root: str,
+                        files: Mapping[str, Sequence[Tuple[str, int]]]) -> str:
     """Hash of the folder's path and its file list (names and sizes)."""
     digest = hashlib.sha1(os.path.abspath(root).encode())
     for split in sorted(files):
@@ -169,8 +174,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     name = "image_folder"
     VERSION = tfds.core.Version("1.0.0")
 
-    def __init__(self, *, root, image_size, channels=3, max_examples=None,
-                 **kwargs):
+    def __init__(self, *, root: str | os.PathLike,
+                 image_size: int | Sequence[int], channels: int = 3,
+                 max_examples: Optional[int] = None, **kwargs: Any) -> None:
         self._root = os.fspath(root)
         self._size = images.image_hw(image_size)
         self._channels = images.check_channels(channels)
@@ -187,7 +193,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=f"image folder {os.path.abspath(self._root)}")
         super().__init__(config=config, **kwargs)
 
-    def _info(self):
+    def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Images from {os.path.abspath(self._root)}",
@@ -200,12 +206,14 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager):
+    def _split_generators(self, dl_manager: Any
+                          ) -> Dict[str, Iterator[Tuple[int, dict]]]:
         del dl_manager
         return {split: self._generate_examples(entries)
                 for split, entries in self._files.items()}
 
-    def _generate_examples(self, entries):
+    def _generate_examples(self, entries: Sequence[Tuple[str, int]]
+                           ) -> Iterator[Tuple[int, dict]]:
         if self._max_examples is not None:
             entries = entries[:int(self._max_examples)]
         for i, (path, label) in enumerate(entries):
@@ -221,7 +229,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": images.png_bytes(array), "label": label}
 
 
-def _download_fashion_mnist(target_dir):
+def _download_fashion_mnist(target_dir: str) -> str:
     """Fetches the four public IDX files (only when explicitly allowed)."""
     os.makedirs(target_dir, exist_ok=True)
     for split in idx.FASHION_MNIST_FILES:
@@ -233,20 +241,23 @@ def _download_fashion_mnist(target_dir):
     return target_dir
 
 
-def _prepare(builder):
+def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """download_and_prepare unless the files are already there."""
     if not _is_prepared(builder.data_dir):
         builder.download_and_prepare(file_format=FILE_FORMAT)
     return tfds.builder_from_directory(builder.data_dir)
 
 
-def _is_prepared(builder_dir):
+def _is_prepared(builder_dir: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(builder_dir, "dataset_info.json"))
 
 
-def prepare_dataset(name_or_path, data_dir=None, *, image_size=None,
-                    channels=3, max_examples=None,
-                    idx_dir=idx.FASHION_MNIST_DIR, allow_download=False):
+def prepare_dataset(name_or_path: str | os.PathLike,
+                    data_dir: Optional[str | os.PathLike] = None, *,
+                    image_size: Optional[int | Sequence[int]] = None,
+                    channels: int = 3, max_examples: Optional[int] = None,
+                    idx_dir: str | os.PathLike = idx.FASHION_MNIST_DIR,
+                    allow_download: bool = False) -> tfds.core.DatasetBuilder:
     """Makes a dataset readable by grain; returns its read-only tfds builder.
 
     `name_or_path` is one of:

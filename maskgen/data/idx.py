@@ -10,6 +10,7 @@ import gzip
 import os
 import struct
 import zlib
+from typing import Tuple
 
 import numpy as np
 
@@ -37,7 +38,7 @@ _IDX_DTYPES = {
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_bytes(path):
+def _read_bytes(path: str) -> bytes:
     """Returns the (decompressed) content of `path`; ValueError if corrupt."""
     with open(path, "rb") as f:
         raw = f.read()
@@ -50,7 +51,7 @@ def _read_bytes(path):
                          f"({e})") from e
 
 
-def read_idx(path):
+def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file (gzip-compressed or raw) into a numpy array.
 
     Raises FileNotFoundError if `path` does not exist and ValueError naming the
@@ -87,7 +88,9 @@ def read_idx(path):
     return array.reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def fashion_mnist_paths(split, idx_dir=FASHION_MNIST_DIR):
+def fashion_mnist_paths(split: str,
+                        idx_dir: str | os.PathLike = FASHION_MNIST_DIR
+                        ) -> Tuple[str, str]:
     """(images path, labels path) of a Fashion-MNIST split ('train'/'test')."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"Fashion-MNIST split must be one of "
@@ -96,13 +99,16 @@ def fashion_mnist_paths(split, idx_dir=FASHION_MNIST_DIR):
                  for name in FASHION_MNIST_FILES[split])
 
 
-def fashion_mnist_available(idx_dir=FASHION_MNIST_DIR):
+def fashion_mnist_available(
+        idx_dir: str | os.PathLike = FASHION_MNIST_DIR) -> bool:
     """True when all four Fashion-MNIST IDX files are in `idx_dir`."""
     return all(os.path.isfile(p) for split in FASHION_MNIST_FILES
                for p in fashion_mnist_paths(split, idx_dir))
 
 
-def load_fashion_mnist_idx(split, idx_dir=FASHION_MNIST_DIR):
+def load_fashion_mnist_idx(split: str,
+                           idx_dir: str | os.PathLike = FASHION_MNIST_DIR
+                           ) -> Tuple[np.ndarray, np.ndarray]:
     """Loads a Fashion-MNIST split from its IDX files.
 
     Returns (images uint8 [N, 28, 28, 1], labels int32 [N]). A missing file

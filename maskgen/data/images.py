@@ -4,6 +4,7 @@ Everything here works on uint8 HWC arrays and runs on the host (inside grain
 workers or while preparing a dataset), never inside jit.
 """
 import io
+from typing import Sequence, Tuple
 
 import numpy as np
 import PIL.Image
@@ -11,7 +12,7 @@ import PIL.Image
 _PIL_MODES = {1: "L", 3: "RGB"}
 
 
-def image_hw(image_size):
+def image_hw(image_size: int | Sequence[int]) -> Tuple[int, int]:
     """Normalises an int or (height, width) into a (height, width) tuple."""
     if isinstance(image_size, (int, np.integer)):
         size = (int(image_size), int(image_size))
@@ -23,13 +24,14 @@ def image_hw(image_size):
     return size
 
 
-def check_channels(channels):
+def check_channels(channels: int) -> int:
+    """Returns `channels` if it is 1 or 3 (the modes PIL converts to)."""
     if channels not in _PIL_MODES:
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     return channels
 
 
-def to_pil(image):
+def to_pil(image: np.ndarray) -> PIL.Image.Image:
     """uint8 [H, W, C] (C in 1, 3, 4) -> PIL image."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (
@@ -42,14 +44,15 @@ def to_pil(image):
                                else "RGBA")
 
 
-def from_pil(pil_image, channels):
+def from_pil(pil_image: PIL.Image.Image, channels: int) -> np.ndarray:
     """PIL image (any mode) -> uint8 [H, W, channels]."""
     converted = pil_image.convert(_PIL_MODES[check_channels(channels)])
     array = np.asarray(converted, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
 
-def resize_center_crop(pil_image, image_size):
+def resize_center_crop(pil_image: PIL.Image.Image,
+                       image_size: int | Sequence[int]) -> PIL.Image.Image:
     """Scales the image to cover `image_size`, then crops the centre.
 
     Keeping the aspect ratio (instead of stretching) is what ImageNet-style
@@ -70,7 +73,7 @@ def resize_center_crop(pil_image, image_size):
     return resized.crop((left, top, left + width, top + height))
 
 
-def convert_channels(image, channels):
+def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """uint8 [H, W, C] -> uint8 [H, W, channels] (grey <-> RGB, drops alpha)."""
     check_channels(channels)
     if image.shape[-1] == channels:
@@ -80,7 +83,8 @@ def convert_channels(image, channels):
     return from_pil(to_pil(image), channels)
 
 
-def resize_array(image, image_size):
+def resize_array(image: np.ndarray,
+                 image_size: int | Sequence[int]) -> np.ndarray:
     """uint8 [H, W, C] -> uint8 [height, width, C] via resize_center_crop."""
     height, width = image_hw(image_size)
     if image.shape[:2] == (height, width):
@@ -90,7 +94,7 @@ def resize_array(image, image_size):
                     channels)
 
 
-def png_bytes(image):
+def png_bytes(image: np.ndarray) -> bytes:
     """uint8 [H, W, C] -> PNG bytes (tfds encodes numpy images only with TF)."""
     buffer = io.BytesIO()
     to_pil(image).save(buffer, format="PNG")

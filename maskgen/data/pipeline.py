@@ -15,7 +15,7 @@ checkpointable:
 """
 import dataclasses
 import os
-from typing import Dict, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import flags
 import grain
@@ -39,11 +39,14 @@ class DatasetSummary:
     image_shape: Tuple           # stored (H, W, C); None entries if varied
 
     @property
-    def num_classes(self):
+    def num_classes(self) -> int:
+        """Number of class labels (the label feature's names)."""
         return len(self.class_names)
 
 
-def dataset_summary(dataset, data_dir=None, **prepare_kwargs):
+def dataset_summary(dataset: str | os.PathLike,
+                    data_dir: Optional[str | os.PathLike] = None,
+                    **prepare_kwargs: Any) -> DatasetSummary:
     """Prepares `dataset` if needed and describes it (see prepare_dataset)."""
     builder = builders.prepare_dataset(dataset, data_dir, **prepare_kwargs)
     features = builder.info.features
@@ -58,8 +61,12 @@ def dataset_summary(dataset, data_dir=None, **prepare_kwargs):
     )
 
 
-def _open_source(dataset, split, data_dir, image_size, channels,
-                 max_examples, idx_dir, allow_download):
+def _open_source(dataset: str | os.PathLike, split: str,
+                 data_dir: Optional[str | os.PathLike],
+                 image_size: Optional[Tuple[int, int]],
+                 channels: Optional[int], max_examples: Optional[int],
+                 idx_dir: str | os.PathLike,
+                 allow_download: bool) -> Tuple[Any, Any]:
     """(read-only builder, random-access source) for one split."""
     prepare_kwargs = dict(max_examples=max_examples, idx_dir=idx_dir,
                           allow_download=allow_download)
@@ -73,7 +80,8 @@ def _open_source(dataset, split, data_dir, image_size, channels,
     return builder, builder.as_data_source(split=split)
 
 
-def _shard_options(shard_index, shard_count):
+def _shard_options(shard_index: Optional[int], shard_count: Optional[int]
+                   ) -> grain.sharding.ShardOptions:
     if (shard_index is None) != (shard_count is None):
         raise ValueError("give both shard_index and shard_count, or neither "
                          f"(got {shard_index!r}, {shard_count!r})")
@@ -88,13 +96,21 @@ def _shard_options(shard_index, shard_count):
                                        drop_remainder=True)
 
 
-def make_loader(dataset, *, split="train", data_dir=None, batch_size,
-                seed=0, image_size=None, channels=None, random_crop=False,
-                crop_padding=4, random_flip=None, shuffle=True,
-                num_epochs=None, drop_remainder=True, shard_index=None,
-                shard_count=None, worker_count=0, worker_buffer_size=1,
-                read_threads=None, prefetch=500, max_examples=None,
-                idx_dir=idx.FASHION_MNIST_DIR, allow_download=False):
+def make_loader(dataset: str | os.PathLike, *, split: str = "train",
+                data_dir: Optional[str | os.PathLike] = None, batch_size: int,
+                seed: int = 0,
+                image_size: Optional[int | Sequence[int]] = None,
+                channels: Optional[int] = None, random_crop: bool = False,
+                crop_padding: int = 4, random_flip: Optional[bool] = None,
+                shuffle: bool = True, num_epochs: Optional[int] = None,
+                drop_remainder: bool = True,
+                shard_index: Optional[int] = None,
+                shard_count: Optional[int] = None, worker_count: int = 0,
+                worker_buffer_size: int = 1,
+                read_threads: Optional[int] = None, prefetch: int = 500,
+                max_examples: Optional[int] = None,
+                idx_dir: str | os.PathLike = idx.FASHION_MNIST_DIR,
+                allow_download: bool = False) -> grain.DataLoader:
     """Builds the grain DataLoader for one split of a dataset.
 
     Args:
@@ -180,10 +196,14 @@ def make_loader(dataset, *, split="train", data_dir=None, batch_size,
                                        prefetch_buffer_size=prefetch))
 
 
-def load_arrays(dataset, split="train", data_dir=None, *, image_size=None,
-                channels=None, max_examples=None,
-                idx_dir=idx.FASHION_MNIST_DIR, allow_download=False,
-                chunk_size=4096):
+def load_arrays(dataset: str | os.PathLike, split: str = "train",
+                data_dir: Optional[str | os.PathLike] = None, *,
+                image_size: Optional[int | Sequence[int]] = None,
+                channels: Optional[int] = None,
+                max_examples: Optional[int] = None,
+                idx_dir: str | os.PathLike = idx.FASHION_MNIST_DIR,
+                allow_download: bool = False,
+                chunk_size: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
     """Reads a whole split into memory, in stored order, without grain.
 
     For pre-tokenising and evaluation on small datasets. Returns

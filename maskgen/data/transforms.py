@@ -7,7 +7,7 @@ index), so augmentation is reproducible for a seed and survives checkpoint
 restore without extra state.
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import grain
 import numpy as np
@@ -28,7 +28,8 @@ class ParseExample(grain.transforms.Map):
     image_key: str = "image"
     label_key: str = "label"
 
-    def map(self, element):
+    def map(self, element: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """Checks, resizes and converts one record (host side, in a worker)."""
         if self.image_key not in element or self.label_key not in element:
             raise ValueError(f"record needs keys {self.image_key!r} and "
                              f"{self.label_key!r}, has {sorted(element)}")
@@ -55,7 +56,9 @@ class RandomCropWithPadding(grain.transforms.RandomMap):
 
     padding: int = 4
 
-    def random_map(self, element, rng):
+    def random_map(self, element: Dict[str, np.ndarray],
+                   rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """Crops one padded example at an offset drawn from grain's `rng`."""
         image = element["image"]
         height, width = image.shape[:2]
         pad = self.padding
@@ -71,7 +74,9 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
 
     probability: float = 0.5
 
-    def random_map(self, element, rng):
+    def random_map(self, element: Dict[str, np.ndarray],
+                   rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """Flips one example when grain's `rng` says so."""
         if rng.random() >= self.probability:
             return element
         flipped = np.ascontiguousarray(element["image"][:, ::-1])
@@ -81,7 +86,8 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
 class ToFloatBatch(grain.transforms.Map):
     """Batched uint8 images -> float32 in [0, 1]; labels -> int32."""
 
-    def map(self, element):
+    def map(self, element: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Converts one batch (once per batch, not per example)."""
         return {
             "image": element["image"].astype(np.float32) / np.float32(255),
             "label": element["label"].astype(np.int32),

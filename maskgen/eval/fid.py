@@ -5,7 +5,11 @@ recall, either `features` (pool features, as `save_reference` writes) or
 `arr_0` (uint8 reference images, as the ADM suite's reference batches carry),
 whose features are then computed here.
 """
+from typing import Any, Optional
+
 import numpy as np
+from jax.sharding import Mesh
+from numpy.typing import ArrayLike
 
 from maskgen.eval import frechet, inception, metrics
 
@@ -13,7 +17,9 @@ IS_SPLIT_SIZE = 5000  # the ADM suite scores IS over chunks of 5000 samples
 MAX_SAVED_FEATURES = 10000  # ADM reference batches keep 10k images for precision / recall
 
 
-def load_reference(path, model, params, batch_size=200, mesh=None, progress=True):
+def load_reference(path: str, model: inception.InceptionV3, params: dict[str, Any], batch_size: int = 200,
+                   mesh: Optional[Mesh] = None,
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """-> (mu, sigma, features [M, 2048] or None) from a reference statistics file."""
     mu, sigma = frechet.load_stats(path)
     with np.load(path) as data:
@@ -26,7 +32,10 @@ def load_reference(path, model, params, batch_size=200, mesh=None, progress=True
     return mu, sigma, None
 
 
-def fid_report(images, model, params, reference=None, batch_size=200, mesh=None, k=3, progress=True):
+def fid_report(images: ArrayLike, model: inception.InceptionV3, params: dict[str, Any],
+               reference: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None,
+               batch_size: int = 200, mesh: Optional[Mesh] = None, k: int = 3,
+               progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     """uint8 images [N, H, W, C] -> (metrics dict, sample pool features [N, 2048]).
 
     `reference` is (mu, sigma, features or None) from `load_reference`, or None.
@@ -50,7 +59,7 @@ def fid_report(images, model, params, reference=None, batch_size=200, mesh=None,
     return report, pool
 
 
-def save_reference(path, pool_features, max_features: int = MAX_SAVED_FEATURES):
+def save_reference(path: str, pool_features: np.ndarray, max_features: int = MAX_SAVED_FEATURES) -> None:
     """Writes ADM-layout `mu`/`sigma` of all features plus up to `max_features` rows as `features`."""
     mu, sigma = frechet.feature_stats(pool_features)
     frechet.save_stats(path, mu, sigma, features=np.asarray(pool_features[:max_features], np.float32))

@@ -5,13 +5,16 @@ The statistics files follow the ADM evaluation suite (openai/guided-diffusion
 more keys (the suite's reference batches also hold `mu_s`, `sigma_s`, `arr_0`)
 are accepted; only `mu` and `sigma` are read.
 """
+import os
+
 import numpy as np
 import scipy.linalg
+from numpy.typing import ArrayLike
 
 _STATS_KEYS = ("mu", "sigma")
 
 
-def feature_stats(features):
+def feature_stats(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """[N, D] features -> (mean [D], covariance [D, D]) in float64.
 
     float64 because FID subtracts two large traces; float32 covariances lose
@@ -27,7 +30,7 @@ def feature_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _check_pair(mu, sigma, which):
+def _check_pair(mu: ArrayLike, sigma: ArrayLike, which: str) -> tuple[np.ndarray, np.ndarray]:
     mu = np.atleast_1d(np.asarray(mu, np.float64))
     sigma = np.atleast_2d(np.asarray(sigma, np.float64))
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
@@ -37,7 +40,7 @@ def _check_pair(mu, sigma, which):
     return mu, sigma
 
 
-def _psd_factor(matrix):
+def _psd_factor(matrix: np.ndarray) -> np.ndarray:
     """B [D, r] with B @ B.T == matrix, r its numerical rank (LAPACK pivoted Cholesky, ?pstrf).
 
     Unlike plain Cholesky it accepts singular PSD matrices (fewer samples than
@@ -51,7 +54,7 @@ def _psd_factor(matrix):
     return factor_b
 
 
-def _trace_sqrt_product(sigma1, sigma2):
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr(sqrt(sigma1 @ sigma2)) through a symmetric similar matrix.
 
     sigma1 @ sigma2 is not symmetric, so its general matrix square root (what
@@ -66,7 +69,8 @@ def _trace_sqrt_product(sigma1, sigma2):
     return float(np.sum(np.sqrt(np.clip(values, 0, None))))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6):
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike,
+                     eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as in FID.
 
     Singular covariances (fewer samples than feature dimensions) are handled
@@ -89,18 +93,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6):
     return distance
 
 
-def frechet_distance_from_features(features1, features2):
+def frechet_distance_from_features(features1: ArrayLike, features2: ArrayLike) -> float:
     """Fréchet distance between the Gaussian fits of two [N, D] feature sets."""
     return frechet_distance(*feature_stats(features1), *feature_stats(features2))
 
 
-def save_stats(path, mu, sigma, **extra):
+def save_stats(path: str | os.PathLike, mu: ArrayLike, sigma: ArrayLike, **extra: ArrayLike) -> None:
     """Writes ADM-layout statistics (`mu`, `sigma`, plus any extra named arrays)."""
     mu, sigma = _check_pair(mu, sigma, str(path))
     np.savez(path, mu=mu, sigma=sigma, **extra)
 
 
-def load_stats(path):
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads (mu, sigma) from an ADM-layout `.npz`; other keys in the file are ignored."""
     with np.load(path) as data:
         missing = [key for key in _STATS_KEYS if key not in data.files]

@@ -11,13 +11,15 @@ x, i.e. [-1, 0.9921875]. `preprocess` takes uint8 images of any size there.
 """
 import functools
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh
+from numpy.typing import ArrayLike
 
 from maskgen import axes
 from maskgen.eval import features as features_lib
@@ -28,7 +30,8 @@ NUM_LOGITS = 1008  # the TF graph's softmax has 1008 outputs (1000 classes + unu
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _conv_relu(x, features, kernel, name, strides=1, padding=(0, 0), precision=HIGHEST):
+def _conv_relu(x: jax.Array, features: int, kernel: tuple[int, int], name: str, strides: int = 1,
+               padding: tuple[int, int] = (0, 0), precision: jax.lax.Precision = HIGHEST) -> jax.Array:
     """Conv (+ folded batch norm as bias) + ReLU, registered on the calling module as `name`."""
     pad_h, pad_w = padding
     conv = nn.Conv(
@@ -40,12 +43,12 @@ def _conv_relu(x, features, kernel, name, strides=1, padding=(0, 0), precision=H
     return nn.relu(conv(x))
 
 
-def _avg_pool_same(x):
+def _avg_pool_same(x: jax.Array) -> jax.Array:
     # TF "SAME" average pooling divides by the number of real (unpadded) inputs.
     return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
-def _max_pool_valid(x):
+def _max_pool_valid(x: jax.Array) -> jax.Array:
     return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
 
 
@@ -55,7 +58,7 @@ class InceptionA(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c = dict(precision=self.precision)
         b1 = _conv_relu(x, 64, (1, 1), "branch1x1", **c)
         b5 = _conv_relu(x, 48, (1, 1), "branch5x5_1", **c)
@@ -72,7 +75,7 @@ class InceptionB(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c = dict(precision=self.precision)
         b3 = _conv_relu(x, 384, (3, 3), "branch3x3", strides=2, **c)
         bd = _conv_relu(x, 64, (1, 1), "branch3x3dbl_1", **c)
@@ -87,7 +90,7 @@ class InceptionC(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c, c7 = dict(precision=self.precision), self.channels_7x7
         b1 = _conv_relu(x, 192, (1, 1), "branch1x1", **c)
         b7 = _conv_relu(x, c7, (1, 1), "branch7x7_1", **c)
@@ -107,7 +110,7 @@ class InceptionD(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c = dict(precision=self.precision)
         b3 = _conv_relu(x, 192, (1, 1), "branch3x3_1", **c)
         b3 = _conv_relu(b3, 320, (3, 3), "branch3x3_2", strides=2, **c)
@@ -128,7 +131,7 @@ class InceptionE(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         c = dict(precision=self.precision)
         b1 = _conv_relu(x, 320, (1, 1), "branch1x1", **c)
         b3 = _conv_relu(x, 384, (1, 1), "branch3x3_1", **c)
@@ -152,7 +155,7 @@ class InceptionV3(nn.Module):
     precision: jax.lax.Precision = HIGHEST
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"InceptionV3 wants [B, H, W, 3] images, got shape {x.shape}")
         c = dict(precision=self.precision)
@@ -186,7 +189,7 @@ class InceptionV3(nn.Module):
         return out
 
 
-def _legacy_bilinear_matrix(size_in, size_out):
+def _legacy_bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
     """[out, in] interpolation weights of TF1's ResizeBilinear (align_corners=False).
 
     That op samples source position j * in / out (no half-pixel offset) and
@@ -203,7 +206,7 @@ def _legacy_bilinear_matrix(size_in, size_out):
     return matrix
 
 
-def resize_bilinear_legacy(images, size: int = INPUT_SIZE):
+def resize_bilinear_legacy(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
     """[B, H, W, C] float -> [B, size, size, C] with TF1 ResizeBilinear semantics."""
     _, height, width, _ = images.shape
     if (height, width) == (size, size):
@@ -214,7 +217,7 @@ def resize_bilinear_legacy(images, size: int = INPUT_SIZE):
     return jnp.einsum("pw,bowc->bopc", cols, images, precision=HIGHEST)
 
 
-def preprocess(images):
+def preprocess(images: jax.Array) -> jax.Array:
     """uint8 [B, H, W], [B, H, W, 1] or [B, H, W, 3] -> float32 [B, 299, 299, 3] in [-1, 0.9921875]."""
     if images.dtype != jnp.uint8:
         raise ValueError(f"Inception input must be uint8 images, got dtype {images.dtype}")
@@ -226,7 +229,7 @@ def preprocess(images):
     return (resize_bilinear_legacy(images) - 128.0) / 128.0
 
 
-def inception_params_shapes(num_logits: Optional[int] = None):
+def inception_params_shapes(num_logits: Optional[int] = None) -> dict[str, Any]:
     """The parameter tree's shapes (no weights materialised), for checking converted files."""
     model = InceptionV3(num_logits=num_logits)
     x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
@@ -234,12 +237,12 @@ def inception_params_shapes(num_logits: Optional[int] = None):
     return nn.unbox(variables["params"])
 
 
-def flatten_params(params):
+def flatten_params(params: dict[str, Any]) -> dict[str, Any]:
     """Nested dict -> {'Mixed_5b/branch1x1/kernel': array}: the weights file's keys."""
     return traverse_util.flatten_dict(params, sep="/")
 
 
-def check_params(params):
+def check_params(params: dict[str, Any]) -> dict[str, Any]:
     """Raises ValueError unless `params` has exactly the InceptionV3 tree and shapes."""
     num_logits = params["fc"]["kernel"].shape[1] if "fc" in params else None
     expected = flatten_params(inception_params_shapes(num_logits))
@@ -254,12 +257,12 @@ def check_params(params):
     return params
 
 
-def save_params(path, params):
+def save_params(path: str, params: dict[str, Any]) -> None:
     """Writes the weights file: an `.npz` keyed by `/`-joined parameter paths."""
     np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flatten_params(check_params(params)).items()})
 
 
-def load_params(path):
+def load_params(path: str) -> dict[str, Any]:
     """Reads a weights file -> nested dict of float32 arrays, shape-checked against the model."""
     if not os.path.exists(path):
         raise ValueError(f"Inception weights file not found: {path} (make one with "
@@ -269,7 +272,7 @@ def load_params(path):
     return check_params(traverse_util.unflatten_dict(flat, sep="/"))
 
 
-def load_inception(path):
+def load_inception(path: str) -> tuple[InceptionV3, dict[str, Any]]:
     """Weights `.npz` from `convert_inception` -> (InceptionV3 module, params).
 
     The module has logits (for IS) only when the file carries the `fc` layer.
@@ -279,8 +282,8 @@ def load_inception(path):
     return InceptionV3(num_logits=num_logits), params
 
 
-def inception_features(model: InceptionV3, params, images, batch_size: int = 200,
-                       mesh=None, progress: bool = True):
+def inception_features(model: InceptionV3, params: dict[str, Any], images: ArrayLike, batch_size: int = 200,
+                       mesh: Optional[Mesh] = None, progress: bool = True) -> dict[str, np.ndarray]:
     """uint8 images [N, H, W(, C)] -> {"pool": [N, 2048] float32, "logits": [N, 1008] if present}.
 
     Preprocessing runs on device; the batch is sharded over every device in `mesh`.
@@ -295,11 +298,11 @@ def inception_features(model: InceptionV3, params, images, batch_size: int = 200
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_fn(num_logits, precision):
+def _apply_fn(num_logits: Optional[int], precision: jax.lax.Precision) -> Callable:
     """One function object per model configuration, so `sharded_step` compiles it once."""
     model = InceptionV3(num_logits=num_logits, precision=precision)
 
-    def apply(params, images):
+    def apply(params: dict[str, Any], images: jax.Array) -> dict[str, jax.Array]:
         return model.apply({"params": params}, preprocess(images))
 
     return apply

@@ -7,14 +7,16 @@ neighbour (itself excluded); precision is the share of generated points inside
 some real ball, recall the share of real points inside some generated ball.
 """
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
+from numpy.typing import ArrayLike
 
 
-def inception_score(logits, num_splits: int = 1):
+def inception_score(logits: ArrayLike, num_splits: int = 1) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) from classifier logits [N, C] -> (mean, std) over splits.
 
     The ADM suite splits 50k samples into chunks of 5000 (num_splits=10) and
@@ -38,7 +40,7 @@ def inception_score(logits, num_splits: int = 1):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _squared_distances(rows, columns):
+def _squared_distances(rows: jax.Array, columns: jax.Array) -> jax.Array:
     """[r, D] x [c, D] -> [r, c] squared Euclidean distances (clipped at 0 against round-off)."""
     cross = jnp.matmul(rows, columns.T, precision=jax.lax.Precision.HIGHEST)
     norms_r = jnp.sum(rows * rows, axis=1)
@@ -46,7 +48,7 @@ def _squared_distances(rows, columns):
     return jnp.maximum(norms_r[:, None] - 2 * cross + norms_c[None, :], 0.0)
 
 
-def _chunked(rows, chunk_size, fn):
+def _chunked(rows: jax.Array, chunk_size: int, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Applies fn to fixed-size row chunks (lax.map) so peak memory is chunk x N, not N x N."""
     count = rows.shape[0]
     padded = -count % chunk_size
@@ -56,23 +58,25 @@ def _chunked(rows, chunk_size, fn):
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk_size"))
-def knn_radii(features, k: int = 3, chunk_size: int = 1024):
+def knn_radii(features: jax.Array, k: int = 3, chunk_size: int = 1024) -> jax.Array:
     """Squared distance from each point to its k-th nearest other point."""
-    def kth(rows):
+    def kth(rows: jax.Array) -> jax.Array:
         neg_smallest, _ = jax.lax.top_k(-_squared_distances(rows, features), k + 1)
         return -neg_smallest[:, k]  # entry 0 is the point itself
     return _chunked(features, chunk_size, kth)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
-def manifold_coverage(queries, references, radii, chunk_size: int = 1024):
+def manifold_coverage(queries: jax.Array, references: jax.Array, radii: jax.Array,
+                      chunk_size: int = 1024) -> jax.Array:
     """Share of queries inside at least one reference ball (squared radii `radii`)."""
-    def inside(rows):
+    def inside(rows: jax.Array) -> jax.Array:
         return jnp.any(_squared_distances(rows, references) <= radii[None, :], axis=1)
     return jnp.mean(_chunked(queries, chunk_size, inside).astype(jnp.float32))
 
 
-def precision_recall(real_features, fake_features, k: int = 3, chunk_size: int = 1024):
+def precision_recall(real_features: ArrayLike, fake_features: ArrayLike, k: int = 3,
+                     chunk_size: int = 1024) -> tuple[float, float]:
     """(precision, recall) of fake features against real ones, k-NN manifolds (ADM uses k=3)."""
     real = jnp.asarray(real_features, jnp.float32)
     fake = jnp.asarray(fake_features, jnp.float32)

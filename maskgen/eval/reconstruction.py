@@ -2,10 +2,11 @@
 from typing import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def reconstruction_error(images, reconstruct: Callable, batch_size: int = 256,
-                         max_value: float = 255.0):
+def reconstruction_error(images: ArrayLike, reconstruct: Callable[[np.ndarray], ArrayLike], batch_size: int = 256,
+                         max_value: float = 255.0) -> dict[str, float]:
     """Runs `reconstruct` over `images` in batches -> {"mse", "psnr", "psnr_per_image"}.
 
     `reconstruct(batch)` must return an array of the batch's shape on the same

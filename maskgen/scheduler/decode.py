@@ -13,12 +13,13 @@ Two modes:
 * official (`official=True`): google-research/maskgit's loop, token for token.
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from maskgen.scheduler import engine
 from maskgen.scheduler import keys as keys_lib
@@ -64,7 +65,7 @@ class DecodeConfig:
     return_intermediates: bool = False
     official: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
         if not isinstance(self.start_step, int) or not 0 <= self.start_step < self.steps:
@@ -93,7 +94,7 @@ class DecodeConfig:
             raise ValueError("the official preset decodes in confidence order only")
 
     @classmethod
-    def official_maskgit(cls, steps: int = 16, start_step: int = 0, **overrides):
+    def official_maskgit(cls, steps: int = 16, start_step: int = 0, **overrides: Any) -> "DecodeConfig":
         """The official MaskGIT sampler: cosine, choice temperature 4.5, batch key."""
         options = dict(steps=steps, start_step=start_step, schedule="cosine",
                        choice_temperature=4.5, official=True)
@@ -102,6 +103,7 @@ class DecodeConfig:
 
     @property
     def guided(self) -> bool:
+        """Whether classifier-free guidance is on (a guidance_scale is set)."""
         return self.guidance_scale is not None
 
 
@@ -119,7 +121,8 @@ class DecodeResult:
     sequences: Optional[jax.Array] = None
 
 
-def null_class_token(config: DecodeConfig, layout: TokenLayout, null_class_id=None):
+def null_class_token(config: DecodeConfig, layout: TokenLayout,
+                     null_class_id: Optional[int] = None) -> Optional[int]:
     """Class-token id of the null class when guidance is on, else None; errors if there is none."""
     if not config.guided:
         return None
@@ -132,7 +135,7 @@ def null_class_token(config: DecodeConfig, layout: TokenLayout, null_class_id=No
     return int(null_id) + layout.codebook_size  # python int: static under jit
 
 
-def prepare_ids(ids, layout: TokenLayout):
+def prepare_ids(ids: ArrayLike, layout: TokenLayout) -> jax.Array:
     """Validates ids [B, L] and maps the official mask marker -1 to layout.mask_id."""
     ids = jnp.asarray(ids)
     if ids.ndim != 2 or ids.shape[1] < 2:
@@ -143,7 +146,7 @@ def prepare_ids(ids, layout: TokenLayout):
     return layout.canonical_ids(ids)
 
 
-def _grid_shape(config: DecodeConfig, length: int):
+def _grid_shape(config: DecodeConfig, length: int) -> Tuple[int, int]:
     if config.grid_shape is not None:
         height, width = config.grid_shape
     else:
@@ -174,14 +177,14 @@ def step_tables(config: DecodeConfig, length: int) -> engine.StepTables:
         temperatures=temperatures, guidance=guidance, priority=priority)
 
 
-def _with_input_slots(ids, per_step, config: DecodeConfig):
+def _with_input_slots(ids: jax.Array, per_step: jax.Array, config: DecodeConfig) -> jax.Array:
     """[S, B, L] executed-step sequences -> [B, T, L] with the input in slots < start_step."""
     before = jnp.broadcast_to(ids[None], (config.start_step,) + ids.shape)
     return jnp.transpose(jnp.concatenate([before, per_step]), (1, 0, 2))
 
 
-def run_maskgen(calls: ModelCalls, ids, key_or_keys, config: DecodeConfig, layout: TokenLayout,
-                groups) -> DecodeResult:
+def run_maskgen(calls: ModelCalls, ids: jax.Array, key_or_keys: ArrayLike, config: DecodeConfig,
+                layout: TokenLayout, groups: Sequence[Tuple[int, ...]]) -> DecodeResult:
     """The maskgen-mode loop over the given step groups (plain decoding: one step per group)."""
     tables = step_tables(config, ids.shape[1])
     example_keys = keys_lib.per_example_keys(key_or_keys, ids.shape[0])
@@ -193,8 +196,8 @@ def run_maskgen(calls: ModelCalls, ids, key_or_keys, config: DecodeConfig, layou
     return DecodeResult(tokens=tokens, sequences=sequences)
 
 
-def decode(logits_fn, ids, key_or_keys, config: DecodeConfig, layout: TokenLayout,
-           null_class_id=None) -> DecodeResult:
+def decode(logits_fn: Callable[[jax.Array], jax.Array], ids: ArrayLike, key_or_keys: ArrayLike,
+           config: DecodeConfig, layout: TokenLayout, null_class_id: Optional[int] = None) -> DecodeResult:
     """Fills every unknown position of ids [B, L] (mask_id or -1); known tokens never change.
 
     logits_fn(ids [M, L]) -> logits [M, L, >= codebook_size]; pass the model
@@ -213,7 +216,8 @@ def decode(logits_fn, ids, key_or_keys, config: DecodeConfig, layout: TokenLayou
     return run_maskgen(calls, ids, key_or_keys, config, layout, groups)
 
 
-def _run_official(calls, ids, key_or_keys, config: DecodeConfig, layout: TokenLayout):
+def _run_official(calls: ModelCalls, ids: jax.Array, key_or_keys: ArrayLike, config: DecodeConfig,
+                  layout: TokenLayout) -> DecodeResult:
     tables = step_tables(config, ids.shape[1])
     tokens, slots = official_lib.run(
         calls, ids, keys_lib.batch_key(key_or_keys), num_steps=config.steps,

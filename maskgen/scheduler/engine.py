@@ -15,7 +15,7 @@ number of steps run under one `lax.scan`; the group size is padded to a static
 bound `rows` (top_k of that size), padded ranks are no-ops.
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -25,6 +25,7 @@ from jax import lax
 
 from maskgen.scheduler import keys as keys_lib
 from maskgen.scheduler import token_sampling
+from maskgen.scheduler.model_calls import ModelCalls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,8 @@ class StepTables:
     priority: Optional[np.ndarray]  # float32 [L] fixed order (higher first), None = confidence
 
 
-def group_steps(num_steps: int, start_step: int, full_only_steps: int, cheap_steps: int):
+def group_steps(num_steps: int, start_step: int, full_only_steps: int,
+                cheap_steps: int) -> list[Tuple[int, ...]]:
     """Executed steps in groups: steps < P alone, then runs of 1 + K (the last may be short)."""
     steps = list(range(start_step, num_steps))
     groups = [(t,) for t in steps if t < full_only_steps]
@@ -55,7 +57,7 @@ def group_steps(num_steps: int, start_step: int, full_only_steps: int, cheap_ste
     return groups
 
 
-def make_phases(groups, counts: np.ndarray, slack: float = 1.25):
+def make_phases(groups: Sequence[Tuple[int, ...]], counts: np.ndarray, slack: float = 1.25) -> list[Phase]:
     """Consecutive groups of equal length share a phase (one lax.scan) while their sizes stay close.
 
     rows = the phase's worst-case group size over N. A multi-step group joins
@@ -79,11 +81,12 @@ def make_phases(groups, counts: np.ndarray, slack: float = 1.25):
     return phases
 
 
-def _step_value(table, step):
+def _step_value(table: Optional[np.ndarray], step: jax.Array) -> Optional[jax.Array]:
     return None if table is None else jnp.asarray(table)[step]
 
 
-def _candidates(logits, uniform, temperature, top_k, top_p):
+def _candidates(logits: jax.Array, uniform: jax.Array, temperature: Optional[jax.Array],
+                top_k: Optional[int], top_p: Optional[float]) -> Tuple[jax.Array, jax.Array]:
     """Sampled ids and their log-probability under the filtered, tempered distribution."""
     logits = token_sampling.filter_logits(logits, temperature, top_k, top_p)
     return token_sampling.sample_with_uniform(uniform, logits)
@@ -104,8 +107,9 @@ class Draws:
     gumbel: jax.Array  # float32 [T, B, L]
 
 
-def draw_all(example_keys, num_steps: int, length: int) -> Draws:
-    def per_step(step):
+def draw_all(example_keys: jax.Array, num_steps: int, length: int) -> Draws:
+    """Every step's uniforms and Gumbel noise up front: one vectorised draw beats per-step draws."""
+    def per_step(step: jax.Array) -> tuple[jax.Array, jax.Array]:
         sample_keys, choice_keys = keys_lib.step_keys(example_keys, step)
         return (token_sampling.uniform_per_example(sample_keys, length),
                 token_sampling.gumbel_per_example(choice_keys, length))
@@ -113,12 +117,13 @@ def draw_all(example_keys, num_steps: int, length: int) -> Draws:
     return Draws(uniform=uniform, gumbel=gumbel)
 
 
-def _scatter(seq, positions, values):
+def _scatter(seq: jax.Array, positions: jax.Array, values: jax.Array) -> jax.Array:
     return seq.at[jnp.arange(seq.shape[0])[:, None], positions].set(values)
 
 
-def _group(seq, start, *, calls, draws, counts, tables, mask_id, phase,
-           top_k, top_p, keep_steps):
+def _group(seq: jax.Array, start: jax.Array, *, calls: ModelCalls, draws: Draws, counts: jax.Array,
+           tables: StepTables, mask_id: int, phase: Phase, top_k: Optional[int], top_p: Optional[float],
+           keep_steps: bool) -> Tuple[jax.Array, Optional[jax.Array]]:
     """One group: full evaluation, ranking, then the group's steps. Returns (seq, per-step seqs)."""
     batch, length = seq.shape
     rows = phase.rows
@@ -160,8 +165,10 @@ def _group(seq, start, *, calls, draws, counts, tables, mask_id, phase,
     return seq, (jnp.stack(per_step) if keep_steps else None)
 
 
-def run(calls, seq, example_keys, tables: StepTables, phases, *, mask_id: int,
-        top_k=None, top_p=None, keep_steps=False):
+def run(calls: ModelCalls, seq: jax.Array, example_keys: jax.Array, tables: StepTables,
+        phases: Sequence[Phase], *, mask_id: int, top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        keep_steps: bool = False) -> Tuple[jax.Array, Optional[jax.Array]]:
     """Decodes seq [B, L] (mask_id = unknown).
 
     Returns (tokens [B, L], committed sequence after every executed step [S, B, L] or None).
@@ -172,7 +179,8 @@ def run(calls, seq, example_keys, tables: StepTables, phases, *, mask_id: int,
     draws = draw_all(example_keys, tables.counts.shape[1], length)
     outputs = []
     for phase in phases:
-        def body(carry, start, phase=phase):
+        def body(carry: jax.Array, start: jax.Array,
+                 phase: Phase = phase) -> tuple[jax.Array, Optional[jax.Array]]:
             return _group(carry, start, calls=calls, draws=draws, counts=counts,
                           tables=tables, mask_id=mask_id, phase=phase, top_k=top_k, top_p=top_p,
                           keep_steps=keep_steps)

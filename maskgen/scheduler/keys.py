@@ -8,13 +8,14 @@ count. Keys are handled as typed key arrays internally; raw uint32 keys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 
-def _is_typed_key(value) -> bool:
+def _is_typed_key(value: object) -> bool:
     return hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
 
 
-def _is_integer_scalar(value) -> bool:
+def _is_integer_scalar(value: object) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, (int, np.integer)):
@@ -23,7 +24,7 @@ def _is_integer_scalar(value) -> bool:
             and jnp.issubdtype(value.dtype, jnp.integer))
 
 
-def as_key_array(value):
+def as_key_array(value: ArrayLike) -> jax.Array:
     """Seed / raw uint32 key(s) / typed key(s) -> typed key array (shape () or [B])."""
     if _is_typed_key(value):
         return value
@@ -38,7 +39,7 @@ def as_key_array(value):
         f"{getattr(array, 'shape', None)} and dtype {getattr(array, 'dtype', None)}")
 
 
-def example_keys(seed_or_key, indices):
+def example_keys(seed_or_key: ArrayLike, indices: ArrayLike) -> jax.Array:
     """Per-example keys fold_in(key(seed), index) for the given global example indices."""
     base = as_key_array(seed_or_key)
     if base.ndim != 0:
@@ -49,7 +50,7 @@ def example_keys(seed_or_key, indices):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, indices)
 
 
-def per_example_keys(key_or_keys, batch_size: int):
+def per_example_keys(key_or_keys: ArrayLike, batch_size: int) -> jax.Array:
     """[B] keys: a seed or single key is expanded to examples 0..B-1; [B] keys are used as given."""
     keys = as_key_array(key_or_keys)
     if keys.ndim == 0:
@@ -59,7 +60,7 @@ def per_example_keys(key_or_keys, batch_size: int):
     return keys
 
 
-def batch_key(key_or_seed):
+def batch_key(key_or_seed: ArrayLike) -> jax.Array:
     """One key for the whole batch (official sampling)."""
     key = as_key_array(key_or_seed)
     if key.ndim != 0:
@@ -68,9 +69,9 @@ def batch_key(key_or_seed):
     return key
 
 
-def step_keys(keys, step):
+def step_keys(keys: jax.Array, step: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """(sample, choice) key pairs of every example for decoding step `step`."""
-    def split_one(key):
+    def split_one(key: jax.Array) -> tuple[jax.Array, jax.Array]:
         sample_key, choice_key = jax.random.split(jax.random.fold_in(key, step))
         return sample_key, choice_key
     return jax.vmap(split_one)(keys)

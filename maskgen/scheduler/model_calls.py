@@ -8,7 +8,11 @@ same rows with the null class token at position 0). Only the first codebook_size
 logits are used, so callers should ask the model for exactly those
 (`num_logits=codebook_size`); class and mask ids can never be sampled.
 """
+from typing import Any, Callable, Optional
+
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from maskgen.scheduler.token_sampling import guide
 
@@ -16,7 +20,9 @@ from maskgen.scheduler.token_sampling import guide
 class ModelCalls:
     """Runs the user callables on the (possibly guidance-doubled) batch; returns [B, ...] logits."""
 
-    def __init__(self, full_fn, cheap_fn, codebook_size: int, null_token=None):
+    def __init__(self, full_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
+                 cheap_fn: Optional[Callable[[jax.Array, jax.Array, Any], jax.Array]], codebook_size: int,
+                 null_token: Optional[int] = None) -> None:
         self._full_fn = full_fn
         self._cheap_fn = cheap_fn
         self._codebook_size = codebook_size
@@ -24,15 +30,17 @@ class ModelCalls:
 
     @property
     def guided(self) -> bool:
+        """Whether each call runs the doubled (conditional + null-class) batch."""
         return self._null_token is not None
 
-    def _model_ids(self, seq):
+    def _model_ids(self, seq: jax.Array) -> jax.Array:
         if not self.guided:
             return seq
         unconditional = seq.at[:, 0].set(jnp.asarray(self._null_token, seq.dtype))
         return jnp.concatenate([seq, unconditional], axis=0)
 
-    def _codebook_logits(self, logits, batch: int, rows: int, weight):
+    def _codebook_logits(self, logits: jax.Array, batch: int, rows: int,
+                         weight: Optional[ArrayLike]) -> jax.Array:
         expected = (batch * (2 if self.guided else 1), rows)
         if logits.ndim != 3 or logits.shape[:2] != expected:
             raise ValueError(f"model returned logits of shape {logits.shape}; expected "
@@ -45,7 +53,7 @@ class ModelCalls:
             return logits
         return guide(logits[:batch], logits[batch:], weight)
 
-    def full(self, seq, weight=None):
+    def full(self, seq: jax.Array, weight: Optional[ArrayLike] = None) -> tuple[jax.Array, Any]:
         """Full evaluation of seq [B, L] -> (codebook logits [B, L, C], opaque cache)."""
         output = self._full_fn(self._model_ids(seq))
         if not (isinstance(output, tuple) and len(output) == 2):
@@ -53,7 +61,8 @@ class ModelCalls:
         logits, cache = output
         return self._codebook_logits(logits, seq.shape[0], seq.shape[1], weight), cache
 
-    def cheap(self, seq, positions, cache, weight=None):
+    def cheap(self, seq: jax.Array, positions: jax.Array, cache: Any,
+              weight: Optional[ArrayLike] = None) -> jax.Array:
         """Recomputes only the rows `positions` [B, n] of seq [B, L] against the frozen cache."""
         ids = self._model_ids(seq)
         positions = jnp.tile(positions, (ids.shape[0] // seq.shape[0], 1))

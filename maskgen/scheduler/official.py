@@ -9,22 +9,29 @@ step): XLA simplifies it the same way for both, which float32 floors rely on.
 The random draws are the official ones (token_sampling draws them flat, with
 identical bits).
 """
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from maskgen.scheduler import schedules
 from maskgen.scheduler import token_sampling
+from maskgen.scheduler.model_calls import ModelCalls
 
 
-def run(calls, seq, key, *, num_steps, start_step, schedule, choice_temperature, mask_id,
-        temperatures=None, guidance=None, top_k=None, top_p=None, keep_steps=False):
+def run(calls: ModelCalls, seq: jax.Array, key: jax.Array, *, num_steps: int, start_step: int,
+        schedule: str, choice_temperature: float, mask_id: int,
+        temperatures: Optional[np.ndarray] = None, guidance: Optional[np.ndarray] = None,
+        top_k: Optional[int] = None, top_p: Optional[float] = None,
+        keep_steps: bool = False) -> tuple[jax.Array, Optional[jax.Array]]:
     """Returns (tokens [B, L], slots [B, T, L] or None); slot t = step t's pre-re-mask sample."""
     schedule = schedules.canonical_schedule(schedule)
     unknown_at_start = jnp.sum(seq == mask_id, axis=-1)  # [B] int32
     slots = jnp.tile(seq[:, None, :], (1, num_steps, 1)) if keep_steps else None
 
-    def body(step, state):
+    def body(step: jax.Array, state: tuple) -> tuple:
         rng, current, last_sample, slots = state
         logits = calls.full(current, None if guidance is None else jnp.asarray(guidance)[step])[0]
         if temperatures is not None or top_k is not None or top_p is not None:

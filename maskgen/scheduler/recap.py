@@ -16,9 +16,11 @@ the full logits, each cheap step samples the next share from its own logits.
 With K = 0 this is exactly plain decoding: same keys, same tokens.
 """
 import dataclasses
-from typing import Tuple
+from typing import Any, Callable, Optional, Tuple
 
+import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from maskgen.scheduler import engine
 from maskgen.scheduler import schedules
@@ -34,7 +36,7 @@ class RecapConfig:
     full_only_steps: int = 0
     cheap_steps: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("full_only_steps", "cheap_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -56,12 +58,12 @@ class RecapPlan:
     num_cheap: int
 
 
-def _groups(num_steps, start_step, recap: RecapConfig):
+def _groups(num_steps: int, start_step: int, recap: RecapConfig) -> list[Tuple[int, ...]]:
     return engine.group_steps(num_steps, start_step, recap.full_only_steps, recap.cheap_steps)
 
 
 def recap_plan(num_steps: int, full_only_steps: int, cheap_steps: int, schedule: str = "cosine",
-               num_unknown: int = 256, start_step: int = 0, length=None) -> RecapPlan:
+               num_unknown: int = 256, start_step: int = 0, length: Optional[int] = None) -> RecapPlan:
     """Counts of full and cheap evaluations and the group sizes (for benchmarks and cost models).
 
     length: sequence length L the decoder will see (default N + 1); it sets the
@@ -81,8 +83,10 @@ def recap_plan(num_steps: int, full_only_steps: int, cheap_steps: int, schedule:
                      num_full=len(groups), num_cheap=sum(len(group) - 1 for group in groups))
 
 
-def decode_recap(full_fn, cheap_fn, ids, key_or_keys, config: DecodeConfig, layout: TokenLayout,
-                 recap: RecapConfig, null_class_id=None) -> DecodeResult:
+def decode_recap(full_fn: Callable[[jax.Array], tuple[jax.Array, Any]],
+                 cheap_fn: Callable[[jax.Array, jax.Array, Any], jax.Array], ids: ArrayLike,
+                 key_or_keys: ArrayLike, config: DecodeConfig, layout: TokenLayout,
+                 recap: RecapConfig, null_class_id: Optional[int] = None) -> DecodeResult:
     """`decode` with ReCAP grouping; maskgen mode only (the official loop has no groups).
 
     Both callables see the guidance-doubled batch when guidance is on; pass them

@@ -12,10 +12,12 @@ unknown tokens that stays masked: 1 at r=0, (almost) 0 at r=1.
 import functools
 import math
 import re
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 MIN_MASK_RATIO = 1e-6
 _ALIASES = {"linear": "uniform", "square": "pow2", "cubic": "pow3"}
@@ -42,7 +44,7 @@ def _needs_count(name: str) -> bool:
     return name in ("log", "exp")
 
 
-def _formula(xp, name, r, num_unknown):
+def _formula(xp: ModuleType, name: str, r: ArrayLike, num_unknown: ArrayLike | None) -> ArrayLike:
     """The unclipped schedule value, written in the official operation order."""
     if name == "uniform":
         return 1. - r
@@ -59,11 +61,12 @@ def _formula(xp, name, r, num_unknown):
     raise AssertionError(name)  # canonical_schedule() guards every caller
 
 
-def mask_ratio(name: str, r, num_unknown=None):
+def mask_ratio(name: str, r: ArrayLike,
+               num_unknown: ArrayLike | None = None) -> np.ndarray | np.float32 | jax.Array:
     """Fraction of the unknown tokens left masked at progress `r`, clipped to [1e-6, 1].
 
-    `r` may be a python float, a numpy array (evaluated in float32 numpy) or a jax
-    array / tracer (evaluated with jnp, jit-friendly). `num_unknown` (N) is only
+    `r` may be a python float (-> np.float32), a numpy array (evaluated in float32 numpy)
+    or a jax array / tracer (evaluated with jnp, jit-friendly). `num_unknown` (N) is only
     read by `log` and `exp`, whose curves depend on it; N must exceed 1 there.
     """
     name = canonical_schedule(name)
@@ -89,7 +92,7 @@ def step_ratios(num_steps: int) -> np.ndarray:
     return (np.arange(num_steps, dtype=np.float32) + np.float32(1)) / np.float32(num_steps)
 
 
-def _check_steps(num_steps, start_step=0):
+def _check_steps(num_steps: int, start_step: int = 0) -> None:
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
     if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step < num_steps:
@@ -148,7 +151,7 @@ def choice_temperatures(temperature: float, num_steps: int) -> np.ndarray:
     return (np.float32(temperature) * (np.float32(1.) - step_ratios(num_steps))).astype(np.float32)
 
 
-def linear_ramp(start: float, end, num_steps: int) -> np.ndarray:
+def linear_ramp(start: float, end: float | None, num_steps: int) -> np.ndarray:
     """`start` at step 0 moving linearly to `end` at step T-1 (constant when end is None)."""
     _check_steps(num_steps)
     if end is None:

@@ -9,14 +9,16 @@ elements in row-major order, so a flat draw reshaped is identical), but XLA:CPU
 compiles a 1-D draw several times faster than a 3-D one.
 """
 import math
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 
-def guide(cond, uncond, weight):
+def guide(cond: jax.Array, uncond: jax.Array, weight: ArrayLike) -> jax.Array:
     """Classifier-free guidance uncond + w (cond - uncond), written as cond + (w-1)(cond - uncond).
 
     The second form is the same function but returns `cond` bit for bit at w = 1.
@@ -24,7 +26,8 @@ def guide(cond, uncond, weight):
     return cond + (weight - 1.) * (cond - uncond)
 
 
-def filter_logits(logits, temperature=None, top_k=None, top_p=None):
+def filter_logits(logits: jax.Array, temperature: Optional[ArrayLike] = None, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None) -> jax.Array:
     """Sampling logits: divided by `temperature`, then restricted to the top-k / top-p set.
 
     `temperature` may be a traced scalar; None skips the division. `top_k` (static int)
@@ -51,17 +54,17 @@ def filter_logits(logits, temperature=None, top_k=None, top_p=None):
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def gumbel(key, shape, dtype=jnp.float32):
+def gumbel(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
     """jax.random.gumbel(key, shape, dtype), drawn flat and reshaped."""
     return jax.random.gumbel(key, (math.prod(shape),), dtype).reshape(shape)
 
 
-def categorical(key, logits):
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """jax.random.categorical(key, logits) over the last axis (Gumbel-max), drawn flat."""
     return jnp.argmax(gumbel(key, logits.shape, logits.dtype) + logits, axis=-1)
 
 
-def sample_per_example(keys, logits, block: int = 32):
+def sample_per_example(keys: jax.Array, logits: jax.Array, block: int = 32) -> tuple[jax.Array, jax.Array]:
     """One categorical draw per row by inverse CDF; example b uses only keys[b].
 
     Returns (ids [B, n], log-probability of each drawn id [B, n]) for logits [B, n, V].
@@ -73,13 +76,13 @@ def sample_per_example(keys, logits, block: int = 32):
     return sample_with_uniform(uniform_per_example(keys, logits.shape[1]), logits, block)
 
 
-def uniform_per_example(keys, length: int):
+def uniform_per_example(keys: jax.Array, length: int) -> jax.Array:
     """The uniforms [B, length] sample_per_example draws (a prefix of a longer draw: same key)."""
     tiny = jnp.finfo(jnp.float32).tiny
     return jax.vmap(lambda key: jax.random.uniform(key, (length,), jnp.float32, minval=tiny))(keys)
 
 
-def _prefix_sum(x):
+def _prefix_sum(x: jax.Array) -> jax.Array:
     """Inclusive prefix sum over a short last axis as a matmul with a triangle of ones.
 
     XLA:CPU lowers jnp.cumsum to a reduce-window, slower than this tiny matmul.
@@ -89,7 +92,7 @@ def _prefix_sum(x):
     return jnp.matmul(x, upper, precision=lax.Precision.HIGHEST)
 
 
-def sample_with_uniform(uniform, logits, block: int = 32):
+def sample_with_uniform(uniform: jax.Array, logits: jax.Array, block: int = 32) -> tuple[jax.Array, jax.Array]:
     """sample_per_example with its uniforms [B, n] given (drawn ahead, outside the decoding loop).
 
     The CDF is searched in two levels, blocks of `block` ids then ids inside the
@@ -120,6 +123,6 @@ def sample_with_uniform(uniform, logits, block: int = 32):
     return chosen_block * block + offset, jnp.log(chosen) - jnp.log(total)
 
 
-def gumbel_per_example(keys, length: int):
+def gumbel_per_example(keys: jax.Array, length: int) -> jax.Array:
     """Gumbel noise [B, length], example b from keys[b]."""
     return jax.vmap(lambda key: gumbel(key, (length,)))(keys)
