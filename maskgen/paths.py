@@ -101,13 +101,12 @@ def _configure_gcs() -> None:
     Runs once, before epath creates its (cached) gcsfs filesystem.
     """
     global _GCS_CONFIGURED
-    if _GCS_CONFIGURED:
+    if _GCS_CONFIGURED or not os.environ.get("STORAGE_EMULATOR_HOST"):
         return
     _GCS_CONFIGURED = True
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        import fsspec.config
-        fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import fsspec.config
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
