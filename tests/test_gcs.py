@@ -357,3 +357,24 @@ def test_permission_denied_is_a_clear_error(gcs):
         proxy.server_close()
     _assert_refused(result, gcs, "readonly/", "workdir gs://maskgen-test/readonly: permission denied writing to "
                     "gs://maskgen-test", "roles/storage.objectAdmin")
+
+
+@needs_server
+def test_convert_official_checkpoints_into_a_bucket_and_load_them(gcs, official_small):
+    """`python -m maskgen.convert --official gs://... --out gs://...`, then `maskgen.load("gs://...")`."""
+    import maskgen
+    from maskgen import convert, official
+    files = {"tokenizer": "tokenizer_imagenet128_checkpoint", "transformer": "maskgit_imagenet128_checkpoint"}
+    for kind, name in files.items():
+        gcs.write(BUCKET, f"official/{name}", (official_small["_dir"] / "checkpoints" / name).read_bytes())
+        argv = ["--official", f"gs://{BUCKET}/official/{name}", "--kind", kind, "--config", "official_small",
+                "--out", f"gs://{BUCKET}/converted"]
+        assert convert.main(argv) == 0
+    assert "converted/config.json" in gcs.objects(BUCKET, "converted/")
+    assert _steps(gcs, "converted/transformer") and _steps(gcs, "converted/tokenizer")
+    bundle = maskgen.load(f"gs://{BUCKET}/converted")
+    want = official.read_official(official_small["_dir"] / "checkpoints" / files["transformer"])["params"]
+    got = bundle.params["transformer"]
+    assert jax.tree.structure(jax.tree.map(np.asarray, got)) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
