@@ -64,11 +64,20 @@ def main(argv):
     import numpy as np
 
     import maskgen
+    from maskgen import paths
     from maskgen.image_grid import make_grid, save_npz, save_png
     from maskgen.sampling import Sampler, decode_config_from, recap_config_from
 
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    # gs:// paths: scheme, credentials, bucket and permissions are checked before any model work.
+    paths.check_storage(_WORKDIR.value, write=False, what="--workdir")
+    if FLAGS["edit"].value:
+        paths.check_storage(FLAGS["out"].value or os.path.join(_WORKDIR.value, "edit"), write=True,
+                            what="--out")
+    else:
+        out_dir = paths.check_storage(_OUT.value or os.path.join(_WORKDIR.value, "samples"), write=True,
+                                      what="--out")
     bundle = maskgen.load(_WORKDIR.value, config=_CONFIG.value)
     if FLAGS["edit"].value:
         from maskgen import edit_cli
@@ -88,7 +97,6 @@ def main(argv):
     sampler.generate(labels[:_BATCH.value], seed=_SEED.value, batch_size=_BATCH.value, progress=False)
     out = sampler.generate(labels, seed=_SEED.value, batch_size=_BATCH.value)
 
-    out_dir = _OUT.value or os.path.join(_WORKDIR.value, "samples")
     scale = _SCALE.value or max(1, 128 // bundle.image_shape[0])
     grid = make_grid(out["images"], rows=len(classes))
     save_npz(os.path.join(out_dir, "samples.npz"), images=out["images"], labels=out["labels"],

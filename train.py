@@ -7,7 +7,8 @@ Overrides apply to every stage unless a stage block (`tokenizer_train.*`,
 `transformer_train.*`) sets its own value. Rerunning the same command resumes
 from the latest readable checkpoint of each stage. Multi-process runs (several
 GPU hosts, TPU pods) set `--config.distributed=True`; every process runs the
-same command with the same WORKDIR on a filesystem all hosts share.
+same command with the same WORKDIR on a filesystem all hosts share or in a bucket
+(`--workdir=gs://BUCKET/PATH`, README "Workdirs on Google Cloud Storage").
 """
 import logging
 import os

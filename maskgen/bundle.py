@@ -23,7 +23,7 @@ import ml_collections
 
 from maskgen.models import factory
 from maskgen import checkpoint as ckpt_lib
-from maskgen import config_io
+from maskgen import config_io, paths
 from maskgen.models.sizes import seq_len, token_grid, token_layout
 from maskgen.models.transformer import Transformer
 from maskgen.tokens import TokenLayout
@@ -45,15 +45,15 @@ class Bundle:
 
 def _split_path(path: str):
     """(workdir, transformer step or None) for a workdir, stage dir or step dir."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = paths.normalize(path)  # local or gs://
+    if not paths.is_dir(path):
         raise ValueError(f"no such directory: {path}")
     name, parent = os.path.basename(path), os.path.dirname(path)
     if name.isdigit() and os.path.basename(parent) in ("transformer", "tokenizer"):
         if os.path.basename(parent) != "transformer":
             raise ValueError(f"{path} is a tokenizer step; pass the workdir or a transformer step")
         return os.path.dirname(parent), int(name)
-    if name in ("transformer", "tokenizer") and not os.path.isdir(os.path.join(path, "transformer")):
+    if name in ("transformer", "tokenizer") and not paths.is_dir(os.path.join(path, "transformer")):
         return parent, None
     return path, None
 
@@ -63,7 +63,7 @@ def _config(workdir: str, config) -> ml_collections.ConfigDict:
         return config
     if config is not None:
         return config_io.resolve_config(config)
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
+    if not paths.is_file(os.path.join(workdir, "config.json")):
         raise ValueError(f"{workdir} has no config.json; pass config= (the config file it was trained with)")
     return config_io.read_config(workdir)
 
@@ -77,7 +77,7 @@ def _abstract_params(module, example, device):
 
 def _restore_ema(stage_dir: str, abstract, step: Optional[int]):
     """EMA params (or plain params when the checkpoint has none) of `step` / the latest step."""
-    if not os.path.isdir(stage_dir):
+    if not paths.is_dir(stage_dir):
         raise ValueError(f"missing checkpoint directory {stage_dir}")
     ckpt = ckpt_lib.StageCheckpoints(stage_dir, best_metric=None, read_only=True)
     latest = step if step is not None else ckpt.latest_step()

@@ -24,7 +24,6 @@ from the model being trained is an error naming the first mismatched path.
 Steps are kept by recency (`keep` newest) plus the best by a metric.
 """
 import logging
-import os
 import shutil
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -32,6 +31,8 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+
+from maskgen import paths
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class StageCheckpoints:
 
     def __init__(self, directory: str, keep: int = 3, best_metric: Optional[str] = "loss",
                  async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = paths.normalize(directory)  # local or gs:// (orbax: tensorstore's gcs driver)
         self.best_metric = best_metric
         policies = [ocm.LatestN(n=max(int(keep), 1))]
         if best_metric:
@@ -135,10 +136,16 @@ class StageCheckpoints:
         return getattr(meta, "tree", meta)
 
     def _quarantine(self, step: int):
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory, f"corrupt.{step}.{int(time.time())}")
-        if jax.process_index() == 0 and os.path.isdir(src):
-            shutil.move(src, dst)
+        src = paths.join(self.directory, str(step))
+        dst = paths.join(self.directory, f"corrupt.{step}.{int(time.time())}")
+        if jax.process_index() == 0 and paths.is_dir(src):
+            if paths.is_gcs(src):
+                # GCS has no directory rename: epath copies, then deletes, each object. Not atomic;
+                # a move cut short by a kill leaves a still-unreadable step that the next run
+                # finds unreadable and moves aside again.
+                paths.as_path(src).rename(dst)
+            else:
+                shutil.move(src, dst)
             log.error("moved unreadable checkpoint %s aside to %s", src, dst)
         self.manager.reload()
 
@@ -193,8 +200,8 @@ def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Option
     steps fall back to older ones as in `StageCheckpoints.restore`, without
     moving anything (the directory may belong to a running job).
     """
-    if not os.path.isdir(os.fspath(stage_dir)):
-        raise ValueError(f"no checkpoint directory {os.fspath(stage_dir)}")
+    if not paths.is_dir(stage_dir):
+        raise ValueError(f"no checkpoint directory {paths.normalize(stage_dir)}")
     ckpt = StageCheckpoints(stage_dir, best_metric=None, read_only=True)
     steps = [step] if step is not None else ckpt.steps()[::-1]
     if not steps:
@@ -214,7 +221,7 @@ def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Option
         check_compatible({k: saved[k] for k in target_subtree}, target_subtree, where)
         try:
             tree = ocp.PyTreeCheckpointer().restore(
-                os.path.join(ckpt.directory, str(s), "state"),
+                paths.join(ckpt.directory, str(s), "state"),
                 args=ocp.args.PyTreeRestore(
                     item=target_subtree, partial_restore=True,
                     restore_args=ocp.checkpoint_utils.construct_restore_args(target_subtree)))

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from maskgen import paths
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,22 +43,17 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes `workdir/config.json` atomically; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(cfg))
-    os.replace(tmp, path)
+    """Writes `workdir/config.json` atomically (local or gs://, see `paths.atomic_write`); returns its path."""
+    path = paths.join(workdir, "config.json")
+    paths.write_text(path, to_json(cfg))
     return path
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(os.fspath(workdir), "config.json")
-    if not os.path.isfile(path):
+    path = paths.as_path(workdir) / "config.json"
+    if not path.is_file():
         raise ValueError(f"{workdir} has no config.json: not a maskgen training directory")
-    with open(path) as f:
-        return from_json(f.read())
+    return from_json(path.read_text())
 
 
 def _config_dirs() -> list[str]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from maskgen import checkpoint as ckpt_lib
-from maskgen import config_io
+from maskgen import config_io, paths
 from maskgen import official
 from maskgen.config_io import resolve_config  # noqa: F401 - public here since the first release
 from maskgen.models import factory
@@ -62,7 +62,7 @@ def check_against_config(params: dict, kind: str, cfg, what: str) -> None:
 def _write_config(cfg, out_dir: str) -> None:
     """Writes OUT/config.json, or checks that an existing one holds the same config."""
     path = os.path.join(out_dir, "config.json")
-    if os.path.isfile(path):
+    if paths.is_file(path):
         if config_io.to_json(config_io.read_config(out_dir)) != config_io.to_json(cfg):
             raise ValueError(f"{path} holds a different config; convert into another --out "
                              "directory or use the config it was written with")
@@ -75,11 +75,11 @@ def convert(official_path, kind: str, config, out_dir) -> str:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     cfg = resolve_config(config)
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = paths.check_storage(out_dir, write=True, what="--out")  # local or gs://
     stage_dir = os.path.join(out_dir, kind)
-    if os.path.isdir(stage_dir) and os.listdir(stage_dir):
+    if paths.listdir(stage_dir):
         raise ValueError(f"{stage_dir} already exists and is not empty; remove it or choose another --out")
-    source = os.path.abspath(os.fspath(official_path))
+    source = paths.check_storage(official_path, write=False, what="--official")
     params = official.read_official(source)["params"]
     check_against_config(params, kind, cfg, f"{kind} checkpoint {source}")
 

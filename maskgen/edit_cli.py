@@ -14,13 +14,14 @@ raises ValueError and writes nothing. Masks: a PNG (pixels > 127 = regenerate) o
 a .npy array (non-zero = regenerate), of the image's size. Box, canvas and amount
 are in pixels. Decoding flags of sample.py (--steps, --guidance, --seed, ...) apply.
 """
+import io
 import os
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from maskgen import editing
+from maskgen import editing, paths
 from maskgen.image_grid import make_grid, save_npz, save_png
 from maskgen.sampling import recap_config_from
 
@@ -77,10 +78,10 @@ def load_image(path, channels: int) -> np.ndarray:
     """uint8 [H, W, C] with the model's channel count."""
     if not path:
         raise ValueError("--image is required for --edit")
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise ValueError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(paths.read_bytes(path))) as image:
             array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     except OSError as e:
         raise ValueError(f"--image {path} is not a readable image ({e})") from e
@@ -89,12 +90,12 @@ def load_image(path, channels: int) -> np.ndarray:
 
 def load_mask(path) -> np.ndarray:
     """bool [H, W] from a PNG (grey > 127) or a .npy array (non-zero)."""
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise ValueError(f"--mask {path}: no such file")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         try:
-            mask = np.load(path, allow_pickle=False)
+            mask = np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
         except ValueError as e:
             raise ValueError(f"--mask {path} is not a numpy array file ({e})") from e
         if mask.ndim == 3 and mask.shape[-1] == 1:
@@ -104,7 +105,7 @@ def load_mask(path) -> np.ndarray:
         return mask != 0
     if ext == ".png":
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(paths.read_bytes(path))) as image:
                 return np.asarray(image.convert("L")) > 127
         except OSError as e:
             raise ValueError(f"--mask {path} is not a readable PNG ({e})") from e

@@ -1,11 +1,10 @@
 """Image grids and atomic PNG/NPZ writing (a killed run never leaves a half-written file)."""
-import os
-import tempfile
-
 from typing import Optional
 
 import numpy as np
 from PIL import Image
+
+from maskgen import paths
 
 
 def make_grid(images, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -43,18 +42,11 @@ def float_grid(images: np.ndarray, cols: Optional[int] = None) -> np.ndarray:
 
 
 def atomic_write(path, write) -> None:
-    """Calls write(tmp) on a temporary file beside `path`, then renames it onto `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Calls write(tmp) on a local temporary file, then publishes it at `path` (local or gs://).
+
+    Locally a rename onto `path`; on GCS a single-object upload (see `paths.atomic_write`).
+    """
+    paths.atomic_write(path, write)
 
 
 def save_png(image, path, scale: int = 1) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from flax.core import meta
 from jax.typing import ArrayLike
 
-from maskgen import config_io
+from maskgen import config_io, paths
 from maskgen.models import factory
 from maskgen.models.sizes import token_layout
 from maskgen.models.transformer import Transformer, check_input_ids
@@ -43,11 +43,10 @@ TRANSFORMER_PARTS = ("Embed_0", "MlmLayer_0")
 
 def read_official(path: str | os.PathLike) -> dict:
     """Reads an official checkpoint file into nested dicts of numpy arrays ({"params": ...})."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = paths.normalize(path)  # local or gs://
+    if not paths.is_file(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = paths.read_bytes(path)
     try:
         state = flax.serialization.from_bytes(None, raw)
     except Exception as e:  # msgpack raises several types on garbage

@@ -241,6 +241,27 @@ def _download_fashion_mnist(target_dir: str) -> str:
     return target_dir
 
 
+def check_local_data_dir(path: "str | os.PathLike", what: str = "dataset.data_dir") -> None:
+    """Refuses a URL (gs://, s3:// ...) as a dataset location, naming the supported alternatives.
+
+    Why: grain reads tfds datasets through array_record's C++ reader, which opens
+    local files only. Measured (array_record 0.8, fake-gcs-server): an
+    `ArrayRecordReader("gs://bucket/x.array_record")` did not return within 120 s
+    instead of failing, so a gs:// data_dir would hang a training run at its
+    first batch rather than stop with an error. Checkpoints, logs and samples
+    can live in a bucket; the dataset must be on a local or mounted filesystem.
+    """
+    text = os.fspath(path)
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme:
+        raise ValueError(
+            f"{what}={text}: datasets cannot be read from {scheme.group(1)}:// (array_record, which "
+            f"grain reads tfds datasets with, opens local files only). Use a local copy (e.g. "
+            f"`gcloud storage cp -r {text} /data/tfds` on every host, then {what}=/data/tfds) or mount the "
+            f"bucket with Cloud Storage FUSE (`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, then "
+            f"{what}=/mnt/BUCKET/...); the workdir itself may stay on gs://")
+
+
 def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """download_and_prepare unless the files are already there."""
     if not _is_prepared(builder.data_dir):
@@ -278,6 +299,8 @@ def prepare_dataset(name_or_path: str | os.PathLike,
     data_dir = os.fspath(data_dir) if data_dir is not None \
         else default_data_dir()
     name_or_path = os.fspath(name_or_path)
+    check_local_data_dir(data_dir)
+    check_local_data_dir(name_or_path, "dataset")
     if os.path.isdir(name_or_path):
         if image_size is None:
             raise ValueError(f"image_size is required to prepare the image "

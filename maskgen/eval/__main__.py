@@ -12,6 +12,7 @@ The samples `.npz` holds `images` (uint8 [N, H, W(, C)]) and, for fashion, `labe
 Make Inception weights with `python -m maskgen.eval.convert_inception --torchscript default --out inception.npz`.
 """
 import argparse
+import io
 import json
 import sys
 from typing import Any, Optional, Sequence
@@ -49,7 +50,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _load_samples(path: str, need_labels: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    with np.load(path) as data:
+    from maskgen import paths
+    if not paths.is_file(path):
+        raise ValueError(f"--samples {path}: no such file")
+    with np.load(io.BytesIO(paths.read_bytes(path))) as data:  # local or gs://
         if "images" not in data.files:
             raise ValueError(f"{path} has no `images` array (keys: {sorted(data.files)})")
         if need_labels and "labels" not in data.files:
@@ -114,8 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     report = run_fid(args) if args.metric == "fid" else run_fashion(args)
     print(_table(report))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        from maskgen import paths
+        paths.write_text(args.out, json.dumps(report, indent=2))  # atomic, local or gs://
     return report
 
 

@@ -11,8 +11,8 @@ max-pool gradients) an epoch on 2 cores took minutes instead of ~15 s.
 """
 import dataclasses
 import hashlib
+import io
 import json
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
-from maskgen import axes
+from maskgen import axes, paths
 from maskgen.eval import features as features_lib
 
 IMAGE_SIZE = 28
@@ -159,13 +159,11 @@ def load_or_train(cache_dir: str, train: tuple[ArrayLike, ArrayLike], config: Tr
     The file name fingerprints the training data, settings and architecture.
     """
     images, labels = check_data(*train, "training")
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, _cache_name(images, labels, config))
-    if os.path.exists(path):
-        with np.load(path) as data:
+    path = paths.join(cache_dir, _cache_name(images, labels, config))  # local or gs://
+    if paths.exists(path):
+        with np.load(io.BytesIO(paths.read_bytes(path))) as data:
             return traverse_util.unflatten_dict({k: data[k] for k in data.files}, sep="/")
     params = train_classifier(images, labels, config, progress=progress)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **traverse_util.flatten_dict(params, sep="/"))
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    # atomic (temp + rename locally, one object upload on gs://): a killed run never leaves half a cache
+    paths.atomic_write(path, lambda tmp: np.savez(tmp, **traverse_util.flatten_dict(params, sep="/")))
     return params

@@ -6,13 +6,12 @@ Fréchet distance in its feature space, with the real-train vs real-test floor)
 and measures the tokenizer's reconstruction error on the real test split.
 """
 import json
-import os
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from maskgen.image_grid import atomic_write
+from maskgen import paths
 
 QUALITY_DATASETS = ("fashion_mnist",)
 
@@ -79,7 +78,7 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
 
 def write_report(report: dict, path) -> None:
     text = json.dumps(report, indent=1, default=float)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+    paths.write_text(path, text)
 
 
 def format_report(report: dict) -> str:
@@ -91,4 +90,4 @@ def format_report(report: dict) -> str:
 
 
 def default_cache_dir(workdir) -> str:
-    return os.path.join(os.fspath(workdir), "eval_cache")
+    return paths.join(workdir, "eval_cache")

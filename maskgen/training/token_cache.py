@@ -9,6 +9,7 @@ split (stored order, no augmentation):
 A file whose meta differs from the current run (e.g. a retrained tokenizer)
 is rebuilt; otherwise it is reused as is.
 """
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import tqdm
 
 from maskgen.training import iterators
+from maskgen import paths
 from maskgen import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -108,9 +110,9 @@ def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: in
     `encode_fn(global images) -> global token ids [B, h, w]` (jitted, batch-sharded).
     """
     path = cache_path(workdir)
-    meta = _meta(cfg, grid, os.path.abspath(tokenizer_dir), tokenizer_step)
-    if os.path.exists(path):
-        with np.load(path) as f:
+    meta = _meta(cfg, grid, paths.normalize(tokenizer_dir), tokenizer_step)
+    if paths.exists(path):
+        with np.load(io.BytesIO(paths.read_bytes(path))) as f:
             if json.loads(str(f["meta"])) == meta:
                 log.info("using token cache %s (%d examples)", path, len(f["labels"]))
                 return {k: f[k] for k in f.files if k != "meta"}
@@ -122,9 +124,7 @@ def build_or_load(cfg, workdir: str, encode_fn: Callable, mesh, global_batch: in
     if bad.size:
         raise ValueError(f"label {int(bad[0])} in the training split is outside the config's "
                          f"{cfg.num_classes} classes")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, meta=json.dumps(meta), **arrays)
-    os.replace(tmp, path)
+    # Each process writes its own shard file (local: temp + rename; gs://: one object upload).
+    paths.atomic_write(path, lambda tmp: np.savez(tmp, meta=json.dumps(meta), **arrays))
     log.info("wrote token cache %s (%d examples)", path, len(arrays["labels"]))
     return arrays

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from maskgen import config_io
+from maskgen import config_io, paths
 from maskgen import sharding as shd
 from maskgen.training import quality, tokenizer_stage, transformer_stage
 from maskgen.training.loop import Preempted, StopSignal, run_stage
@@ -48,21 +48,21 @@ def stage_config(cfg: ml_collections.ConfigDict, stage: str) -> ml_collections.C
 
 def summary(workdir: str) -> str:
     """Where a run's outputs are, for the end of train.py."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.normalize(workdir)
     lines = [f"workdir {workdir}", "  config.json          the resolved config"]
     for stage in STAGES:
         directory = os.path.join(workdir, stage)
-        if not os.path.isdir(directory):
+        names = paths.listdir(directory)
+        if not names:
             continue
-        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        steps = sorted(int(d) for d in names if d.isdigit())
         lines.append(f"  {stage + '/':<20} orbax checkpoints, steps {steps}; tb/ TensorBoard events"
-                     + ("; samples/ grids" if os.path.isdir(os.path.join(directory, "samples")) else ""))
-    if os.path.isdir(os.path.join(workdir, "token_cache")):
+                     + ("; samples/ grids" if "samples" in names else ""))
+    if paths.is_dir(os.path.join(workdir, "token_cache")):
         lines.append("  token_cache/         the pre-tokenised training split")
     report = os.path.join(workdir, "quality.json")
-    if os.path.exists(report):
-        with open(report) as f:
-            lines.append(f"  quality.json         {quality.format_report(json.load(f))}")
+    if paths.exists(report):
+        lines.append(f"  quality.json         {quality.format_report(json.loads(paths.read_bytes(report)))}")
     lines.append(f"sample with: python sample.py --workdir={workdir} --out={os.path.join(workdir, 'samples')}")
     return "\n".join(lines)
 
@@ -82,7 +82,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
     bad = [s for s in stages if s not in STAGES]
     if not stages or bad:
         raise ValueError(f"config.stages must name stages from {STAGES}, got {stages}")
-    workdir = os.path.abspath(workdir)
+    # Local path or gs://; an unsupported scheme, a missing bucket, no credentials or no write
+    # permission fail here, before any training work (every process checks its own credentials).
+    workdir = paths.check_storage(workdir, write=True)
+    from maskgen.data.builders import check_local_data_dir
+    if cfg.dataset.get("data_dir"):
+        check_local_data_dir(cfg.dataset.data_dir)
+    check_local_data_dir(str(cfg.dataset.name), "dataset.name")
     if jax.process_index() == 0:
         config_io.write_config(cfg, workdir)
     mesh = make_mesh(cfg)

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maskgen import checkpoint as ckpt_lib
-from maskgen import image_grid
+from maskgen import image_grid, paths
 from maskgen import sharding as shd
 from maskgen.bundle import Bundle
 from maskgen.models.factory import tokenizer_model, transformer_model
@@ -56,7 +56,7 @@ def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
     """(tokenizer module, EMA params sharded on `mesh`, stage directory, step)."""
     source = cfg.transformer_train.get("tokenizer_workdir") or workdir
     stage_dir = os.path.join(source, "tokenizer")
-    if not os.path.isdir(stage_dir):
+    if not paths.is_dir(stage_dir):
         raise ValueError(
             f"the transformer stage needs a trained tokenizer, but {stage_dir} does not exist: run "
             "the tokenizer stage first, set transformer_train.tokenizer_workdir, or train on "

@@ -4,25 +4,32 @@ Only process 0 writes (files and the progress bar); the others stay quiet so
 a pod's logs are readable.
 """
 import logging
-import os
 from typing import Dict, Optional
 
 import jax
 import numpy as np
 import tqdm
 
+from maskgen import paths
+
 log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    """TensorBoard scalars and images in `logdir` (process 0 only; a no-op elsewhere)."""
+    """TensorBoard scalars and images in `logdir` (process 0 only; a no-op elsewhere).
+
+    A `gs://` logdir uses tensorboardX's own GCS writer (google-cloud-storage):
+    it keeps the event file in memory and uploads it whole, as one object, at
+    every flush (atomic, like every maskgen write on GCS), so TensorBoard
+    pointed at the bucket sees the events up to the last flush.
+    """
 
     def __init__(self, logdir: str):
         self.enabled = jax.process_index() == 0
         self._writer = None
         if self.enabled:
             from tensorboardX import SummaryWriter
-            os.makedirs(logdir, exist_ok=True)
+            paths.makedirs(logdir)
             self._writer = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: Dict[str, float]):
