@@ -36,7 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(
         codebook_size=1024, embedding_dim=256, filters=128, num_res_blocks=2,
         channel_multipliers=[1, 1, 2, 2, 4], norm_groups=32, conv_impl="xla",
-        commitment_cost=0.25, entropy_loss_ratio=0.1, dtype="float32"))
+        commitment_cost=0.25, entropy_loss_ratio=0.1, dtype="float32",
+        # vq | fsq | lfq. codebook_size counts vq codes; fsq has prod(fsq_levels) codes, lfq 2**lfq_bits
+        # (the transformer's vocabulary follows). entropy_loss_ratio / _temperature weigh lfq's entropy
+        # terms too; vq_lookup_dim > 0 = factorised l2-normalised vq lookup in that many dims.
+        quantizer="vq", fsq_levels=[8, 5, 5, 5], lfq_bits=10, lfq_normalize=False, vq_lookup_dim=0))
 
     c.discriminator = ml_collections.ConfigDict(dict(filters=128, channel_multipliers=[2, 4, 4, 4, 4]))
 
