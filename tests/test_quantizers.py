@@ -246,3 +246,39 @@ def test_bad_quantizer_configs_are_clear_errors():
             token_layout(cfg)
     with pytest.raises(ValueError, match="vq_lookup_dim"):
         _tokenizer(vq_lookup_dim=-1).check_config()
+
+
+def test_tokenizer_step_restarts_only_dead_codes_and_reports_usage():
+    """One step with and one without the restart from the same state: live rows are the optimiser's."""
+    from maskgen.training import iterators, optimizer, train_state
+    from maskgen.training import tokenizer_step as tts
+    cfg = _debug_cfg()
+    cfg.tokenizer_train.gan_weight = 0.0
+    vqgan, disc = factory.tokenizer_model(cfg), factory.discriminator_model(cfg)
+    images = np.stack([iterators.synthetic_image(0, i, 4, 16, 3)[0] for i in range(4)])
+    batch = {"image": jnp.asarray(images), "label": jnp.zeros((4,), jnp.int32)}
+    results = {}
+    for threshold in (0.0, 0.995):  # 0.995: a code used at < half the uniform rate this step dies
+        tcfg = cfg.tokenizer_train
+        tcfg.vq_restart_threshold = threshold
+        tx, lr = optimizer.adamw(tcfg, 10)
+        init = tts.make_init(vqgan, disc, tx, tx, (16, 16, 3), tcfg)
+        state = train_state.materialize(init, jax.random.key(0), None)
+        step = jax.jit(tts.make_train_step(vqgan, disc, tx, tx, lr, tcfg, 0.9))
+        results[threshold] = step(state, batch, jax.random.key(1))
+    (plain, m_plain), (restarted, m) = results[0.0], results[0.995]
+    ids = np.asarray(vqgan.apply({"params": state.params}, batch["image"], method="encode_to_indices"))
+    counts = np.bincount(ids.reshape(-1), minlength=32)
+    assert float(m_plain["codebook_usage"]) == pytest.approx(np.mean(counts > 0))
+    dead = counts * 32 / counts.sum() < 0.5
+    assert 0 < dead.sum() < 32 and float(m["restarted_codes"]) == dead.sum()
+    assert "restarted_codes" not in m_plain and "code_usage" not in plain.extra
+    new = np.asarray(restarted.params["quantizer"]["codebook"])
+    np.testing.assert_array_equal(new[~dead], np.asarray(plain.params["quantizer"]["codebook"])[~dead])
+    latents = np.asarray(vqgan.apply({"params": state.params}, batch["image"],
+                                     method="encode_latents")).reshape(-1, new.shape[1])
+    for row in new[dead]:  # an encoder output of this batch (to the rounding of jit vs eager)
+        assert np.min(np.abs(latents - row).max(axis=1)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(restarted.extra["code_usage"])[dead], 1.0)
+    for a, b in zip(jax.tree.leaves(restarted.params["decoder"]), jax.tree.leaves(plain.params["decoder"])):
+        np.testing.assert_array_equal(a, b)
