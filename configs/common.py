@@ -78,6 +78,16 @@ def base_config() -> ml_collections.ConfigDict:
         vq_init="random", vq_kmeans_batches=4, vq_kmeans_iterations=10,
         vq_restart_threshold=0.0, vq_usage_ema_decay=0.99))
 
+    # Decoder fine-tuning on frozen tokens (stage "decoder", run after "tokenizer"): only the decoder
+    # trains, with label-free losses (L1/L2, adversarial, discriminator feature matching, LeCam).
+    c.decoder_train = ml_collections.ConfigDict(dict(
+        num_train_steps=placeholder(int), batch_size=placeholder(int),
+        checkpoint_every_steps=placeholder(int),
+        learning_rate=1e-4, b1=0.5, b2=0.99, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
+        grad_clip=1.0, ema_decay=0.999,
+        l1_weight=1.0, l2_weight=0.0, gan_weight=0.1, gan_loss="hinge", feature_matching_weight=1.0,
+        disc_start_step=0, disc_learning_rate=1e-4, lecam_weight=0.001, lecam_ema_decay=0.999))
+
     c.transformer_train = ml_collections.ConfigDict(dict(
         num_train_steps=placeholder(int), batch_size=placeholder(int),
         checkpoint_every_steps=placeholder(int),
