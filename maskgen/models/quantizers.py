@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from maskgen import axes
 from maskgen import vq_losses
@@ -81,12 +82,12 @@ def code_count(quantizer: str, codebook_size: int, fsq_levels: Sequence[int] = (
 
 # ----------------------------------------------------------------------------- statistics
 
-def code_counts(ids, num_codes: int) -> jax.Array:
+def code_counts(ids: ArrayLike, num_codes: int) -> jax.Array:
     """float32 [num_codes]: how many of `ids` (any shape) fall on each code."""
     return jnp.zeros((num_codes,), jnp.float32).at[jnp.reshape(ids, (-1,))].add(1.0)
 
 
-def usage_stats(counts) -> Dict[str, jax.Array]:
+def usage_stats(counts: ArrayLike) -> Dict[str, jax.Array]:
     """codebook_usage (fraction of codes used at least once) and perplexity (exp of the entropy
     of the code histogram: the number of equally used codes with the same spread)."""
     counts = jnp.asarray(counts, jnp.float32)
@@ -114,7 +115,7 @@ def _dense(features: int, param_dtype, name: str) -> nn.Dense:
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.CODE_DIM,)))
 
 
-def squared_distances(z_NxD, codebook_KxD):
+def squared_distances(z_NxD: ArrayLike, codebook_KxD: ArrayLike) -> jax.Array:
     """Squared distances [N,K] in the official expanded form |z|^2 - 2 z.c + |c|^2, float32."""
     codebook = codebook_KxD.astype(jnp.float32)
     z = z_NxD.astype(jnp.float32)
@@ -162,17 +163,17 @@ class VectorQuantizer(nn.Module):
     def num_codes(self) -> int:
         return self.codebook_size
 
-    def codes(self):
+    def codes(self) -> jax.Array:
         """The codebook as searched: float32 [K, d], l2-normalised with `lookup_dim`."""
         codebook = self.codebook.astype(jnp.float32)
         return _l2_normalize(codebook) if self.lookup_dim else codebook
 
-    def search_vectors(self, z_BxhxwxD):
+    def search_vectors(self, z_BxhxwxD: jax.Array) -> jax.Array:
         """The vectors compared with the codes: z, or its l2-normalised projection."""
         z = z_BxhxwxD.astype(jnp.float32)
         return _l2_normalize(self.project_in(z).astype(jnp.float32)) if self.lookup_dim else z
 
-    def distances(self, z_NxD):
+    def distances(self, z_NxD: jax.Array) -> jax.Array:
         """Squared distances [N,K] between search vectors and codes, float32."""
         return squared_distances(z_NxD, self.codes())
 
@@ -193,14 +194,14 @@ class VectorQuantizer(nn.Module):
             out = self.project_out(out).astype(jnp.float32)
         return out, _aux(ids, raw, z, codebook_loss, commitment_loss, entropy_loss)
 
-    def lookup(self, ids):
+    def lookup(self, ids: jax.Array) -> jax.Array:
         """Decoder features for integer ids (out-of-range ids give NaN; check on the host)."""
         q = jnp.take(self.codes(), ids, axis=0)
         return self.project_out(q).astype(jnp.float32) if self.lookup_dim else q
 
 
-def kmeans_codebook(features_NxD, codebook_KxD, key, iterations: int = 10, replace=None,
-                    normalize: bool = False) -> jax.Array:
+def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.Array, iterations: int = 10,
+                    replace: Optional[ArrayLike] = None, normalize: bool = False) -> jax.Array:
     """k-means++ seeding + Lloyd iterations on `features`; returns a new codebook (its dtype).
 
     Why: the default init puts codes within +-sqrt(3/K) of 0, far from encoder outputs,
@@ -244,13 +245,13 @@ def kmeans_codebook(features_NxD, codebook_KxD, key, iterations: int = 10, repla
     return jnp.where(replace[:, None], centres, codebook_KxD.astype(jnp.float32)).astype(codebook_KxD.dtype)
 
 
-def update_usage_ema(usage_ema_K, counts_K, decay: float) -> jax.Array:
+def update_usage_ema(usage_ema_K: jax.Array, counts_K: jax.Array, decay: float) -> jax.Array:
     """EMA of each code's use relative to uniform (1.0 = used as often as 1/K of the vectors)."""
     rel = counts_K * counts_K.shape[0] / jnp.maximum(jnp.sum(counts_K), 1.0)
     return decay * usage_ema_K + (1.0 - decay) * rel
 
 
-def restart_dead_codes(codebook_KxD, usage_ema_K, features_NxD, key,
+def restart_dead_codes(codebook_KxD: jax.Array, usage_ema_K: jax.Array, features_NxD: ArrayLike, key: jax.Array,
                        threshold: float) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """Codes whose usage EMA is below `threshold` become random vectors of this batch.
 
@@ -271,7 +272,7 @@ def restart_dead_codes(codebook_KxD, usage_ema_K, features_NxD, key,
 
 # ----------------------------------------------------------------------------- fsq
 
-def fsq_bound(z, levels: Sequence[int]):
+def fsq_bound(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     """Squashes z so that rounding gives `levels[i]` integer values per dim (tanh, with the
     half-step offset that even level counts need)."""
     lv = jnp.asarray(levels, jnp.float32)
@@ -285,7 +286,7 @@ def _fsq_half_width(levels):
     return jnp.asarray([v // 2 for v in levels], jnp.float32)
 
 
-def fsq_quantize(z, levels: Sequence[int]):
+def fsq_quantize(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     """Codes in [-1, 1] per dim (round with a straight-through estimator)."""
     bounded = fsq_bound(z.astype(jnp.float32), levels)
     return _straight_through(bounded, jnp.round(bounded)) / _fsq_half_width(levels)
@@ -298,13 +299,13 @@ def _fsq_basis(levels):
     return jnp.asarray(basis, jnp.int32)
 
 
-def fsq_codes_to_ids(codes, levels: Sequence[int]):
+def fsq_codes_to_ids(codes: jax.Array, levels: Sequence[int]) -> jax.Array:
     """Mixed-radix id of per-dim level indices (codes as from `fsq_quantize`)."""
     digits = jnp.round(codes * _fsq_half_width(levels) + _fsq_half_width(levels)).astype(jnp.int32)
     return jnp.sum(digits * _fsq_basis(levels), axis=-1).astype(jnp.int32)
 
 
-def fsq_ids_to_codes(ids, levels: Sequence[int]):
+def fsq_ids_to_codes(ids: ArrayLike, levels: Sequence[int]) -> jax.Array:
     digits = (jnp.asarray(ids, jnp.int32)[..., None] // _fsq_basis(levels)) % jnp.asarray(levels, jnp.int32)
     return (digits.astype(jnp.float32) - _fsq_half_width(levels)) / _fsq_half_width(levels)
 
@@ -345,7 +346,7 @@ class FiniteScalarQuantizer(_Projected):
         ids = fsq_codes_to_ids(jax.lax.stop_gradient(codes), self.levels)
         return self._out(codes, len(self.levels)), _aux(ids, raw, latent, _zero(), _zero(), _zero())
 
-    def lookup(self, ids):
+    def lookup(self, ids: jax.Array) -> jax.Array:
         return self._out(fsq_ids_to_codes(ids, self.levels), len(self.levels))
 
 
@@ -355,7 +356,7 @@ def lfq_scale(bits: int, normalize: bool) -> float:
     return 1.0 / math.sqrt(bits) if normalize else 1.0
 
 
-def lfq_quantize(z, normalize: bool = False):
+def lfq_quantize(z: jax.Array, normalize: bool = False) -> Tuple[jax.Array, jax.Array]:
     """Sign codes (+-scale per dim) with a straight-through estimator; `normalize` first puts
     z on the unit sphere and the codes at +-1/sqrt(bits), so quantisation error stays bounded."""
     z = z.astype(jnp.float32)
@@ -365,13 +366,13 @@ def lfq_quantize(z, normalize: bool = False):
     return _straight_through(z, jnp.where(z > 0, scale, -scale)), z
 
 
-def lfq_codes_to_ids(codes):
+def lfq_codes_to_ids(codes: jax.Array) -> jax.Array:
     bits = codes.shape[-1]
     return jnp.sum((codes > 0).astype(jnp.int32) * (2 ** jnp.arange(bits, dtype=jnp.int32)),
                    axis=-1).astype(jnp.int32)
 
 
-def lfq_ids_to_codes(ids, bits: int, normalize: bool = False):
+def lfq_ids_to_codes(ids: ArrayLike, bits: int, normalize: bool = False) -> jax.Array:
     on = (jnp.asarray(ids, jnp.int32)[..., None] >> jnp.arange(bits, dtype=jnp.int32)) & 1
     scale = lfq_scale(bits, normalize)
     return jnp.where(on > 0, scale, -scale).astype(jnp.float32)
@@ -395,7 +396,7 @@ class LookupFreeQuantizer(_Projected):
     def num_codes(self) -> int:
         return 2 ** self.bits
 
-    def all_codes(self):
+    def all_codes(self) -> jax.Array:
         """float32 [2**bits, bits]: code i is `lfq_ids_to_codes(i)`."""
         return lfq_ids_to_codes(jnp.arange(self.num_codes), self.bits, self.normalize)
 
@@ -412,7 +413,7 @@ class LookupFreeQuantizer(_Projected):
                 -dist, temperature=self.entropy_temperature)
         return self._out(codes, self.bits), _aux(ids, raw, latent, _zero(), commitment_loss, entropy_loss)
 
-    def lookup(self, ids):
+    def lookup(self, ids: jax.Array) -> jax.Array:
         return self._out(lfq_ids_to_codes(ids, self.bits, self.normalize), self.bits)
 
 

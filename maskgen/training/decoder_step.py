@@ -45,7 +45,7 @@ def _is_block(module, method_name) -> bool:
     return isinstance(module, DiscriminatorBlock) and method_name == "__call__"
 
 
-def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float):
+def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float) -> Callable:
     """train_step(state, batch, key, frozen) -> (state, metrics).
 
     `frozen` is the tokenizer's parameter tree (its `decoder` entry is ignored); state.params
@@ -128,7 +128,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     return train_step
 
 
-def make_init(vqgan, disc, tx, disc_tx, image_shape):
+def make_init(vqgan, disc, tx, disc_tx, image_shape) -> Callable:
     """init(key) -> boxed TrainState: {"decoder": fresh decoder} (the stage loads the tokenizer's
     decoder over it), a fresh discriminator and its optimizer in `extra`."""
     def init(key):

@@ -27,7 +27,7 @@ from maskgen import image_grid
 from maskgen import sharding as shd
 from maskgen.models import quantizers
 from maskgen.models.factory import discriminator_model, tokenizer_model
-from maskgen.training import iterators, optimizer, rng, stage_setup
+from maskgen.training import iterators, optimizer, rng, stage_setup, train_state
 from maskgen.training import tokenizer_step as tts
 from maskgen.training.loop import StageRun, StopSignal
 
@@ -73,7 +73,7 @@ def make_reconstructor(vqgan, mesh, num: int = 8):
     return sample, fixed
 
 
-def kmeans_init_state(vqgan, state, cfg, scfg, mesh: Mesh):
+def kmeans_init_state(vqgan, state: train_state.TrainState, cfg, scfg, mesh: Mesh) -> train_state.TrainState:
     """`state` with its vq codebook (params and ema_params) from k-means on encoder outputs."""
     batch = int(scfg.batch_size)
     num_batches = int(scfg.get("vq_kmeans_batches", 4))

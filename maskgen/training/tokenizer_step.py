@@ -205,7 +205,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     return train_step
 
 
-def make_init(vqgan, disc, tx, disc_tx, image_shape, tcfg=None):
+def make_init(vqgan, disc, tx, disc_tx, image_shape, tcfg=None) -> Callable:
     """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`
     (and the codes' usage EMA, starting at uniform use, when dead codes are restarted)."""
     restart = tcfg is not None and restarts_dead_codes(vqgan, tcfg)
