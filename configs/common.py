@@ -36,7 +36,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(dict(
         codebook_size=1024, embedding_dim=256, filters=128, num_res_blocks=2,
         channel_multipliers=[1, 1, 2, 2, 4], norm_groups=32, conv_impl="xla",
-        commitment_cost=0.25, entropy_loss_ratio=0.1, dtype="float32"))
+        commitment_cost=0.25, entropy_loss_ratio=0.1, dtype="float32",
+        # vq | fsq | lfq. codebook_size counts vq codes; fsq has prod(fsq_levels) codes, lfq 2**lfq_bits
+        # (the transformer's vocabulary follows). entropy_loss_ratio / _temperature weigh lfq's entropy
+        # terms too; vq_lookup_dim > 0 = factorised l2-normalised vq lookup in that many dims.
+        quantizer="vq", fsq_levels=(8, 5, 5, 5), lfq_bits=10, lfq_normalize=False, vq_lookup_dim=0))
 
     c.discriminator = ml_collections.ConfigDict(dict(filters=128, channel_multipliers=[2, 4, 4, 4, 4]))
 
@@ -67,7 +71,22 @@ def base_config() -> ml_collections.ConfigDict:
         l1_weight=0.0, l2_weight=1.0, perceptual_weight=0.0, perceptual_weights=placeholder(str),
         gan_weight=0.1, gan_loss="non_saturating", adaptive_gan_weight=False,
         disc_start_step=0, disc_learning_rate=1e-4, regularizer="r1", r1_weight=10.0,
-        lecam_weight=0.0, lecam_ema_decay=0.999))
+        lecam_weight=0.0, lecam_ema_decay=0.999,
+        # vq only (fsq / lfq have no codebook): vq_init "random" | "kmeans" (k-means++ on the encoder
+        # outputs of vq_kmeans_batches batches before step 0); vq_restart_threshold > 0 restarts codes
+        # whose usage EMA (1.0 = uniform use) falls below it with random encoder outputs of the batch.
+        vq_init="random", vq_kmeans_batches=4, vq_kmeans_iterations=10,
+        vq_restart_threshold=0.0, vq_usage_ema_decay=0.99))
+
+    # Decoder fine-tuning on frozen tokens (stage "decoder", run after "tokenizer"): only the decoder
+    # trains, with label-free losses (L1/L2, adversarial, discriminator feature matching, LeCam).
+    c.decoder_train = ml_collections.ConfigDict(dict(
+        num_train_steps=placeholder(int), batch_size=placeholder(int),
+        checkpoint_every_steps=placeholder(int),
+        learning_rate=1e-4, b1=0.5, b2=0.99, weight_decay=0.0, warmup_steps=0, lr_schedule="constant",
+        grad_clip=1.0, ema_decay=0.999,
+        l1_weight=1.0, l2_weight=0.0, gan_weight=0.1, gan_loss="hinge", feature_matching_weight=1.0,
+        disc_start_step=0, disc_learning_rate=1e-4, lecam_weight=0.001, lecam_ema_decay=0.999))
 
     c.transformer_train = ml_collections.ConfigDict(dict(
         num_train_steps=placeholder(int), batch_size=placeholder(int),

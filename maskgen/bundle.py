@@ -2,7 +2,8 @@
 
 `path` may be
   * a training workdir (`config.json`, `tokenizer/`, `transformer/`): the latest
-    readable step of each stage is used;
+    readable step of each stage is used (the decoder from `decoder/` when the decoder
+    stage ran; encoder and quantizer always from `tokenizer/`);
   * a stage directory (`WORKDIR/transformer`) or one step of it
     (`WORKDIR/transformer/1000`): that transformer step, the latest tokenizer;
   * any directory with `tokenizer/` and `transformer/` checkpoint directories in
@@ -106,10 +107,15 @@ def load(path: Union[str, os.PathLike], config=None, device=None) -> Bundle:
     tok_abstract = _abstract_params(tokenizer, jnp.zeros((1,) + image_shape, jnp.float32), device)
     transformer_abstract = _abstract_params(transformer, jnp.zeros((1, length), jnp.int32), device)
     tok_params, tok_step = _restore_ema(os.path.join(workdir, "tokenizer"), tok_abstract, None)
+    steps = {"tokenizer": tok_step}
+    decoder_dir = os.path.join(workdir, "decoder")
+    if ckpt_lib.has_steps(decoder_dir):  # the decoder stage: fine-tuned decoder, same encoder and codes
+        dec, steps["decoder"] = _restore_ema(decoder_dir, {"decoder": tok_abstract["decoder"]}, None)
+        tok_params = {**tok_params, "decoder": dec["decoder"]}
     transformer_params, trained_step = _restore_ema(os.path.join(workdir, "transformer"),
                                                     transformer_abstract, transformer_step)
     log.info("bundle: tokenizer step %d, transformer step %d from %s", tok_step, trained_step, workdir)
     return Bundle(tokenizer=tokenizer, transformer=transformer,
                   params={"tokenizer": tok_params, "transformer": transformer_params}, config=cfg,
                   layout=layout, image_shape=image_shape, token_grid=tuple(grid),
-                  steps={"tokenizer": tok_step, "transformer": trained_step})
+                  steps=dict(steps, transformer=trained_step))

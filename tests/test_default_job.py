@@ -49,6 +49,7 @@ def test_shortened_default_job_trains_samples_and_measures(tmp_path):
     assert report["frechet"] > 0 and report["frechet_floor"] > 0
     assert np.isfinite(report["reconstruction_psnr"]) and report["reconstruction_mse"] > 0
     assert report["reconstruction_frechet"] > 0
+    assert 0 < report["codebook_usage"] <= 1 and 1 <= report["codebook_perplexity"] <= 32
     assert (workdir / "transformer" / "eval" / "step_00000004.json").exists()
     assert sorted(d for d in os.listdir(workdir / "transformer") if d.isdigit()) == ["2", "4"]
 

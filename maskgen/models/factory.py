@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from maskgen.models import quantizers
 from maskgen.models.discriminator import Discriminator
 from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.transformer import Transformer
@@ -15,7 +16,8 @@ from maskgen.models.vqgan import TOKENIZER_CONFIG_KEYS, VQGAN, parse_dtype
 from maskgen.tokens import TokenLayout
 
 # Tokenizer keys a config may set beyond TOKENIZER_CONFIG_KEYS.
-TOKENIZER_OPTIONAL_KEYS = ("entropy_loss_ratio", "entropy_temperature", "image_size", "conv_impl")
+TOKENIZER_OPTIONAL_KEYS = ("entropy_loss_ratio", "entropy_temperature", "image_size", "conv_impl",
+                           "quantizer", "fsq_levels", "lfq_bits", "lfq_normalize", "vq_lookup_dim")
 _DISC_FIELDS = ("channel_base", "max_channels", "blur_resample", "conv_impl")
 
 
@@ -32,6 +34,10 @@ def tokenizer_from_block(block: Mapping[str, Any]) -> VQGAN:
     if unknown:
         raise ValueError(f"tokenizer config has unknown keys {unknown}")
     kwargs = {k: block[k] for k in keys}
+    if "quantizer" in kwargs:  # the module field; its submodule keeps the official name `quantizer`
+        kwargs["quantizer_type"] = quantizers.check_quantizer(kwargs.pop("quantizer"))
+    if "fsq_levels" in kwargs:
+        kwargs["fsq_levels"] = quantizers.check_fsq_levels(kwargs["fsq_levels"])
     kwargs["channel_multipliers"] = tuple(int(m) for m in kwargs["channel_multipliers"])
     kwargs["dtype"] = parse_dtype(kwargs["dtype"])
     model = VQGAN(**kwargs)

@@ -1,11 +1,25 @@
 """Sizes a config implies: the token-id vocabulary, the token grid, the sequence length."""
+from collections.abc import Mapping
+from typing import Any
+
+from maskgen.models.quantizers import code_count as _code_count
 from maskgen.tokens import TokenLayout
+
+
+def code_count(tokenizer_block: Mapping[str, Any]) -> int:
+    """Token ids the tokenizer emits: codebook_size (vq), prod(fsq_levels) (fsq), 2**lfq_bits (lfq).
+
+    The transformer's vocabulary follows this, so `codebook_size` matters only for vq.
+    """
+    get = tokenizer_block.get
+    return _code_count(get("quantizer", "vq"), get("codebook_size", 0), get("fsq_levels", ()),
+                       get("lfq_bits", 0))
 
 
 def token_layout(cfg) -> TokenLayout:
     """The vocabulary layout a config implies (a null class is appended when enabled)."""
     null = cfg.num_classes if cfg.null_class else None
-    return TokenLayout(codebook_size=cfg.tokenizer.codebook_size,
+    return TokenLayout(codebook_size=code_count(cfg.tokenizer),
                        num_classes=cfg.num_classes + int(cfg.null_class), null_class_id=null)
 
 

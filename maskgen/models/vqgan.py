@@ -12,23 +12,27 @@ can be passed to `apply` unchanged. Quirks reproduced on purpose:
     blocks, swish, and no squashing of the decoder output (images live in [0, 1]).
   * Quantizer distances in the expanded form |z|^2 - 2 z.c + |c|^2, first argmin.
 
+`quantizer_type` = "vq" (default) keeps exactly that tree; "fsq" / "lfq" and the
+vq option `vq_lookup_dim` use other quantizers (maskgen.models.quantizers), whose
+`num_codes` sets the token vocabulary.
+
 Unlike the official module, `__call__` works (encode -> decode) and `encode`
 always returns the straight-through quantised features with the VQ losses.
 
 Shape legend: B batch, H/W image size, h/w latent size (H / 2^(levels-1)),
 D embedding dim, K codebook size, C channels.
 """
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgen import axes
-from maskgen import vq_losses
+from maskgen.models import quantizers
 from maskgen.models.conv import (Conv, avg_pool_down, check_conv_impl, group_norm,
                                  upsample_nearest)
+from maskgen.models.quantizers import VectorQuantizer  # noqa: F401  (re-exported: the vq module)
 
 Dtype = Any
 
@@ -121,59 +125,6 @@ class Decoder(nn.Module):
         return Conv(self.out_channels, (3, 3), **conv)(x)
 
 
-class VectorQuantizer(nn.Module):
-    """Nearest-codebook-entry quantiser with straight-through gradients and VQ losses."""
-    codebook_size: int
-    embedding_dim: int
-    commitment_cost: float = 0.25
-    entropy_loss_ratio: float = 0.0
-    entropy_temperature: float = 0.01
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self):
-        self.codebook = self.param(
-            "codebook",
-            nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
-                (axes.CODEBOOK, axes.CODE_DIM)),
-            (self.codebook_size, self.embedding_dim), self.param_dtype)
-
-    def distances(self, z_NxD):
-        """Squared distances [N,K] in the official expanded form, float32."""
-        codebook = self.codebook.astype(jnp.float32)
-        z = z_NxD.astype(jnp.float32)
-        z_sq = jnp.sum(z ** 2, axis=1, keepdims=True)
-        c_sq = jnp.sum(codebook.T ** 2, axis=0, keepdims=True)
-        cross = jnp.dot(z, codebook.T, precision=jax.lax.Precision.HIGHEST)
-        return z_sq - 2 * cross + c_sq
-
-    def __call__(self, z_BxhxwxD) -> Tuple[jax.Array, Dict[str, jax.Array]]:
-        z = z_BxhxwxD.astype(jnp.float32)
-        dist_NxK = self.distances(z.reshape(-1, z.shape[-1]))
-        ids = jnp.argmin(dist_NxK, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
-        q = self.lookup(ids)
-        codebook_loss = jnp.mean((q - jax.lax.stop_gradient(z)) ** 2)
-        commitment_loss = self.commitment_cost * jnp.mean((jax.lax.stop_gradient(q) - z) ** 2)
-        entropy_loss = jnp.zeros((), jnp.float32)
-        if self.entropy_loss_ratio:
-            entropy_loss = self.entropy_loss_ratio * vq_losses.entropy_loss(
-                -dist_NxK, temperature=self.entropy_temperature)
-        aux = dict(
-            encoding_indices=ids,
-            raw=z,
-            codebook_loss=codebook_loss,
-            commitment_loss=commitment_loss,
-            entropy_loss=entropy_loss,
-            quantizer_loss=codebook_loss + commitment_loss + entropy_loss,
-        )
-        # Straight-through estimator: forward value q, gradient of the identity to z.
-        return z + jax.lax.stop_gradient(q - z), aux
-
-    def lookup(self, ids):
-        """Codebook rows for integer ids (out-of-range ids give NaN; check on the host)."""
-        return jnp.take(self.codebook.astype(jnp.float32), ids, axis=0)
-
-
 def check_images(images, channels: int, downsample_factor: int = 1,
                  image_size: Optional[int] = None):
     """Raises ValueError unless `images` is a float [B,H,W,channels] batch of a usable size.
@@ -231,6 +182,13 @@ class VQGAN(nn.Module):
     commitment_cost: float = 0.25
     entropy_loss_ratio: float = 0.0
     entropy_temperature: float = 0.01
+    # vq | fsq | lfq (maskgen.models.quantizers; config key `tokenizer.quantizer`; the submodule
+    # keeps the name `quantizer` for the official tree).
+    quantizer_type: str = "vq"
+    fsq_levels: Tuple[int, ...] = (8, 5, 5, 5)  # fsq only: prod(levels) codes
+    lfq_bits: int = 10  # lfq only: 2**bits codes
+    lfq_normalize: bool = False  # lfq only: codes on the unit sphere
+    vq_lookup_dim: int = 0  # vq only: > 0 = factorised l2-normalised lookup in this many dims
     image_size: Optional[int] = None  # if set, inputs must be exactly this size
     conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
@@ -243,16 +201,29 @@ class VQGAN(nn.Module):
                       norm_groups=self.norm_groups, conv_impl=self.conv_impl,
                       dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(embedding_dim=self.embedding_dim, **common)
-        self.quantizer = VectorQuantizer(
-            codebook_size=self.codebook_size, embedding_dim=self.embedding_dim,
-            commitment_cost=self.commitment_cost,
-            entropy_loss_ratio=self.entropy_loss_ratio,
-            entropy_temperature=self.entropy_temperature, param_dtype=self.param_dtype)
+        self.quantizer = quantizers.make_quantizer(
+            self.quantizer_name_checked(), codebook_size=self.codebook_size,
+            embedding_dim=self.embedding_dim, commitment_cost=self.commitment_cost,
+            entropy_loss_ratio=self.entropy_loss_ratio, entropy_temperature=self.entropy_temperature,
+            fsq_levels=tuple(self.fsq_levels), lfq_bits=self.lfq_bits, lfq_normalize=self.lfq_normalize,
+            vq_lookup_dim=self.vq_lookup_dim, param_dtype=self.param_dtype)
         self.decoder = Decoder(out_channels=self.image_channels, **common)
+
+    def quantizer_name_checked(self) -> str:
+        return quantizers.check_quantizer(self.quantizer_type)
+
+    @property
+    def num_codes(self) -> int:
+        """Distinct token ids: codebook_size (vq), prod(fsq_levels) (fsq), 2**lfq_bits (lfq)."""
+        return quantizers.code_count(self.quantizer_type, self.codebook_size, self.fsq_levels, self.lfq_bits)
 
     def check_config(self) -> None:
         """Raises ValueError for field combinations the architecture cannot build."""
         check_conv_impl(self.conv_impl)
+        quantizers.code_count(self.quantizer_type, self.codebook_size, self.fsq_levels,
+                              self.lfq_bits)  # validates the quantizer name, levels, bits
+        if self.quantizer_type == "vq" and self.vq_lookup_dim < 0:
+            raise ValueError(f"tokenizer.vq_lookup_dim must be >= 0 (0 = off), got {self.vq_lookup_dim}")
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must name at least one level")
         for size, name in ((self.codebook_size, "codebook_size"),
@@ -290,6 +261,10 @@ class VQGAN(nn.Module):
         """Images in [0, 1] -> (straight-through quantised [B,h,w,D] float32, aux dict)."""
         z = self.encoder(self._check(images_BxHxWxC))
         return self.quantizer(z)
+
+    def encode_latents(self, images_BxHxWxC):
+        """Images -> the float32 vectors the quantizer rounds or looks up [B,h,w,d] (k-means init)."""
+        return self.encode(images_BxHxWxC)[1]["latent"]
 
     def encode_to_indices(self, images_BxHxWxC):
         """Images -> int32 token ids [B,h,w]."""

@@ -23,6 +23,10 @@ from maskgen.training import writers
 
 log = logging.getLogger(__name__)
 
+# Metrics on the progress bar (all go to TensorBoard): codebook usage and perplexity show a
+# collapsing tokenizer while it trains.
+PROGRESS_KEYS = ("loss", "masked_accuracy", "codebook_usage", "perplexity")
+
 
 @dataclasses.dataclass
 class StageRun:
@@ -120,7 +124,7 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
             writer.scalars(step, values)
             if jax.process_index() == 0:
                 log.info("%s step %d: %s", run.name, step, writers.format_metrics(values))
-        progress.update(1, {k: values[k] for k in ("loss", "masked_accuracy") if k in values})
+        progress.update(1, {k: values[k] for k in PROGRESS_KEYS if k in values})
 
     def save(step):
         nonlocal last_saved, window_losses

@@ -3,7 +3,9 @@
 Samples `per_class` images of every class with the config's decoding settings,
 scores them with the project's Fashion-MNIST classifier (class accuracy and a
 Fréchet distance in its feature space, with the real-train vs real-test floor)
-and measures the tokenizer's reconstruction error on the real test split.
+and measures the tokenizer's reconstruction error and its code use on the real test
+split (`codebook_usage`: fraction of the quantizer's codes that some test image's
+tokens use; `codebook_perplexity`: exp entropy of their histogram).
 """
 import json
 import time
@@ -30,6 +32,28 @@ def _reconstruct_fn(bundle):
         return jnp.round(jnp.clip(recon, 0, 1) * 255)
 
     return lambda images_uint8: np.asarray(run(jnp.asarray(images_uint8, jnp.float32) / 255.0))
+
+
+def code_usage(bundle, images_uint8, batch_size: int = 500) -> dict:
+    """codebook_usage and codebook_perplexity of the tokenizer's ids over `images` (uint8 batches)."""
+    import jax
+    from maskgen.models import quantizers
+    tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
+    num_codes = tok.num_codes
+
+    @jax.jit
+    def counts(x):
+        ids = tok.apply(params, x, method=tok.encode_to_indices)
+        return quantizers.code_counts(ids, num_codes)
+
+    total = np.zeros((num_codes,), np.float64)
+    images_uint8 = np.asarray(images_uint8)
+    for start in range(0, len(images_uint8), batch_size):
+        batch = jnp.asarray(images_uint8[start:start + batch_size], jnp.float32) / 255.0
+        total += np.asarray(counts(batch))
+    stats = quantizers.usage_stats(total)
+    return dict(codebook_usage=float(stats["codebook_usage"]),
+                codebook_perplexity=float(stats["perplexity"]))
 
 
 def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, data_dir=None,
@@ -72,7 +96,7 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
     report = fashion_quality(samples["images"], labels, cache_dir, train=train, test=test,
                              config=classifier, progress=progress, reconstructions=recon_images)
     report.update(reconstruction_mse=float(recon["mse"]), reconstruction_psnr=float(recon["psnr"]),
-                  sampling_seconds=sample_seconds, sampling=sampling)
+                  sampling_seconds=sample_seconds, sampling=sampling, **code_usage(bundle, test[0]))
     return report, samples
 
 
@@ -86,7 +110,8 @@ def format_report(report: dict) -> str:
             f"{report['real_test_accuracy']:.3f}) | Fréchet {report['frechet']:.2f} "
             f"(real-train vs real-test floor {report['frechet_floor']:.2f}, ratio "
             f"{report['frechet'] / max(report['frechet_floor'], 1e-9):.2f}) | tokenizer reconstruction "
-            f"PSNR {report['reconstruction_psnr']:.2f} dB, Fréchet {report['reconstruction_frechet']:.2f}")
+            f"PSNR {report['reconstruction_psnr']:.2f} dB, Fréchet {report['reconstruction_frechet']:.2f}, "
+            f"codebook usage {report.get('codebook_usage', float('nan')):.1%}")
 
 
 def default_cache_dir(workdir) -> str:

@@ -13,11 +13,16 @@ KEY_SALTS = {
     "transformer_step": 3,  # masking, label dropout, dropout in each step (folded with the step)
     "tokenizer_init": 4,  # VQGAN + discriminator parameters
     "tokenizer_step": 6,  # tokenizer step randomness (folded with the step)
+    "tokenizer_kmeans": 8,  # k-means++ seeding of the vq codebook (tokenizer_train.vq_init = kmeans)
+    "decoder_init": 9,  # the decoder stage's fresh discriminator
+    "decoder_step": 10,  # decoder-stage step (draws nothing today)
 }
 # Offsets added to the seed of host-side (numpy / grain) data streams.
 DATA_SEED_OFFSETS = {
     "transformer_data": 2,  # transformer-stage example order (token cache, synthetic tokens, images)
     "tokenizer_data": 5,  # tokenizer-stage example order and augmentation
+    "tokenizer_kmeans_data": 7,  # the batches whose encoder outputs seed the vq codebook
+    "decoder_data": 9,  # decoder-stage example order
 }
 
 

@@ -10,18 +10,28 @@ Discriminator (own AdamW, `disc_learning_rate`), updated only from
 `disc_start_step` on: logistic loss on real vs reconstructed images plus
 R1 (r1_weight / 2 * E|grad D(real)|^2) or LeCam (lecam_weight, EMAs in the
 state). Batch: {"image": float32 [B, H, W, C] in [0, 1], "label": ...}.
+
+Metrics include the batch's codebook_usage (fraction of the quantizer's codes used)
+and perplexity (exp entropy of the code histogram). For tokenizer.quantizer = vq,
+`vq_restart_threshold > 0` restarts dead codes after each update: a code whose EMA
+usage (`vq_usage_ema_decay`, relative to uniform use, kept in `extra["code_usage"]`)
+falls below the threshold becomes a random encoder vector of this batch, so codes
+the encoder has moved away from come back into use (metric: restarted_codes).
 """
 from typing import Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from maskgen import vq_losses
+from maskgen.models import quantizers
 from maskgen.training import optimizer
 from maskgen.training import train_state
-from maskgen import vq_losses
 
 REGULARIZERS = ("r1", "lecam", "none")
+VQ_INITS = ("random", "kmeans")
 
 
 def check_train_config(tcfg):
@@ -36,6 +46,19 @@ def check_train_config(tcfg):
                          f"l2_weight={tcfg.l2_weight}")
     if tcfg.disc_start_step < 0:
         raise ValueError(f"tokenizer_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")
+    if tcfg.get("vq_init", "random") not in VQ_INITS:
+        raise ValueError(f"tokenizer_train.vq_init must be one of {VQ_INITS}, got {tcfg.vq_init!r}")
+    if tcfg.get("vq_restart_threshold", 0.0) < 0:
+        raise ValueError(f"tokenizer_train.vq_restart_threshold must be >= 0 (0 = off), got "
+                         f"{tcfg.vq_restart_threshold}")
+    decay = tcfg.get("vq_usage_ema_decay", 0.99)
+    if not 0 <= decay < 1:
+        raise ValueError(f"tokenizer_train.vq_usage_ema_decay must be in [0, 1), got {decay}")
+
+
+def restarts_dead_codes(vqgan, tcfg) -> bool:
+    """Dead-code restart runs for a vq tokenizer with a positive threshold (fsq / lfq have no codebook)."""
+    return vqgan.quantizer_type == "vq" and float(tcfg.get("vq_restart_threshold", 0.0)) > 0
 
 
 def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float,
@@ -58,6 +81,9 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     gan_kind, regularizer = tcfg.gan_loss, tcfg.regularizer
     last_layer = vqgan.last_layer_name
     use_gan = gan_w > 0  # gan_weight 0: no discriminator work at all (it stays at its init)
+    num_codes, restart = vqgan.num_codes, restarts_dead_codes(vqgan, tcfg)
+    restart_threshold = float(tcfg.get("vq_restart_threshold", 0.0))
+    usage_decay = float(tcfg.get("vq_usage_ema_decay", 0.99))
 
     def disc_apply(params, images):
         return disc.apply({"params": params}, images)
@@ -101,11 +127,10 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
         if use_gan:
             g_adv = vq_losses.generator_loss(disc_apply(disc_params, recon), gan_kind)
             total += gan_on * weight * g_adv
-        codes = aux["encoding_indices"].reshape(-1)
-        usage = jnp.zeros((vqgan.codebook_size,), jnp.float32).at[codes].add(1.0)
+        counts = quantizers.code_counts(aux["encoding_indices"], num_codes)
         metrics.update(generator_gan_loss=g_adv, gan_weight=weight, loss=total,
-                       codebook_usage=jnp.mean((usage > 0).astype(jnp.float32)))
-        return total, (metrics, recon)
+                       **quantizers.usage_stats(counts))
+        return total, (metrics, (recon, counts, jax.lax.stop_gradient(aux["latent"])))
 
     def disc_loss(disc_params, images, recon, lecam_ema):
         real = disc_apply(disc_params, images)
@@ -122,16 +147,28 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             metrics["lecam_loss"] = lecam
         return loss, (metrics, lecam_ema)
 
+    def restart_codes(params, extra, counts, latent, key):
+        """Dead-code restart on the updated codebook; only dead rows change."""
+        usage = quantizers.update_usage_ema(extra["code_usage"], counts, usage_decay)
+        codebook, usage, dead = quantizers.restart_dead_codes(
+            params["quantizer"]["codebook"], usage, latent, key, restart_threshold)
+        params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
+        return params, usage, jnp.sum(dead.astype(jnp.float32))
+
     def train_step(state, batch, key):
-        del key  # the VQGAN step draws no random numbers
+        key = jax.random.fold_in(key, state.step)  # only the dead-code restart draws numbers
         images = batch["image"].astype(jnp.float32)
         extra = state.extra
         gan_on = (state.step >= disc_start).astype(jnp.float32)
         weight = gan_weight(state.params, images, extra["disc_params"])
-        (_, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        (_, (metrics, (recon, counts, latent))), grads = jax.value_and_grad(generator_loss, has_aux=True)(
             state.params, extra["disc_params"], images, gan_on, weight)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if restart:
+            params, code_usage, restarted = restart_codes(params, extra, counts, latent, key)
+            extra = dict(extra, code_usage=code_usage)
+            metrics = dict(metrics, restarted_codes=restarted)
 
         def disc_update(operand):
             d_params, d_opt, ema = operand
@@ -168,14 +205,20 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     return train_step
 
 
-def make_init(vqgan, disc, tx, disc_tx, image_shape):
-    """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`."""
+def make_init(vqgan, disc, tx, disc_tx, image_shape, tcfg=None) -> Callable:
+    """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`
+    (and the codes' usage EMA, starting at uniform use, when dead codes are restarted)."""
+    restart = tcfg is not None and restarts_dead_codes(vqgan, tcfg)
+
     def init(key):
         k_gen, k_disc = jax.random.split(key)
         images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         params = vqgan.init(k_gen, images)["params"]
         disc_params = disc.init(k_disc, images)["params"]
-        return train_state.new_state(params, tx, extra=dict(
-            disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
-            lecam_ema=vq_losses.LeCamEMA.zeros()))
+        extra = dict(disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params),
+                     lecam_ema=vq_losses.LeCamEMA.zeros())
+        if restart:
+            extra["code_usage"] = nn.LogicallyPartitioned(  # boxed like the params: replicated
+                jnp.ones((vqgan.num_codes,), jnp.float32), (None,))
+        return train_state.new_state(params, tx, extra=extra)
     return init

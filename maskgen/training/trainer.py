@@ -2,6 +2,7 @@
 
     WORKDIR/config.json        the resolved config (what `maskgen.bundle` reads)
     WORKDIR/tokenizer/         orbax checkpoints of the VQGAN stage (+ tb/ events, samples/)
+    WORKDIR/decoder/           optional decoder fine-tuning on frozen tokens (decoder_stage)
     WORKDIR/transformer/       orbax checkpoints of the transformer stage (+ tb/, samples/)
     WORKDIR/token_cache/       pre-tokenised train split (transformer stage, optional)
 
@@ -23,12 +24,12 @@ from jax.sharding import Mesh
 
 from maskgen import config_io, paths
 from maskgen import sharding as shd
-from maskgen.training import quality, tokenizer_stage, transformer_stage
+from maskgen.training import decoder_stage, quality, tokenizer_stage, transformer_stage
 from maskgen.training.loop import Preempted, StopSignal, run_stage
 
 log = logging.getLogger(__name__)
 
-STAGES = ("tokenizer", "transformer")
+STAGES = ("tokenizer", "decoder", "transformer")
 _INHERITED = ("num_train_steps", "batch_size", "checkpoint_every_steps")
 
 
@@ -77,7 +78,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
 
     Stops after the current stage (returning what finished) when SIGTERM arrives.
     """
-    builders = {"tokenizer": tokenizer_stage.build, "transformer": transformer_stage.build}
+    builders = {"tokenizer": tokenizer_stage.build, "decoder": decoder_stage.build,
+                "transformer": transformer_stage.build}
     stages = tuple(cfg.stages)
     bad = [s for s in stages if s not in STAGES]
     if not stages or bad:

@@ -52,8 +52,12 @@ def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
     return model, {"ema_params": train_state.sharded_abstract(abstract, shardings)}
 
 
-def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
-    """(tokenizer module, EMA params sharded on `mesh`, stage directory, step)."""
+def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES, with_decoder_stage: bool = True):
+    """(tokenizer module, EMA params sharded on `mesh`, stage directory, step).
+
+    With `with_decoder_stage`, the decoder comes from WORKDIR/decoder (the decoder stage) when that
+    holds a checkpoint; encoder and quantizer, and so the token ids, always come from the tokenizer.
+    """
     source = cfg.transformer_train.get("tokenizer_workdir") or workdir
     stage_dir = os.path.join(source, "tokenizer")
     if not paths.is_dir(stage_dir):
@@ -64,7 +68,14 @@ def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES):
     model, target = tokenizer_param_target(cfg, mesh, rules)
     tree, step = ckpt_lib.restore_subtree(stage_dir, target)
     log.info("tokenizer: EMA parameters of step %d from %s", step, stage_dir)
-    return model, tree["ema_params"], stage_dir, step
+    params = tree["ema_params"]
+    decoder_dir = os.path.join(source, "decoder")
+    if with_decoder_stage and ckpt_lib.has_steps(decoder_dir):
+        dec, dec_step = ckpt_lib.restore_subtree(
+            decoder_dir, {"ema_params": {"decoder": target["ema_params"]["decoder"]}})
+        params = {**params, "decoder": dec["ema_params"]["decoder"]}
+        log.info("tokenizer: decoder of decoder-stage step %d from %s", dec_step, decoder_dir)
+    return model, params, stage_dir, step
 
 
 def _encoder(tokenizer, params, mesh):
