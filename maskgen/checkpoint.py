@@ -194,8 +194,8 @@ class StageCheckpoints:
 
 def has_steps(stage_dir) -> bool:
     """Whether `stage_dir` holds a checkpoint step (a missing directory holds none)."""
-    stage_dir = os.fspath(stage_dir)
-    return os.path.isdir(stage_dir) and any(d.isdigit() for d in os.listdir(stage_dir))
+    stage_dir = paths.normalize(stage_dir)
+    return paths.is_dir(stage_dir) and any(d.isdigit() for d in paths.listdir(stage_dir))
 
 
 def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Optional[int] = None):
