@@ -41,7 +41,7 @@ import platform as host_platform
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PROGRAMS = ("transformer_train_step", "tokenizer_train_step", "decode", "decode_recap")
 GiB = 1 << 30
@@ -62,7 +62,11 @@ CUDNN_TARGETS = tuple(f"__cudnn${name}" for name in (
     "fmhaScaleBiasSoftmaxDropoutBackward", "fmhaSoftmaxBackwardF8"))
 _CONSTRAINT = re.compile(r"sdy\.sharding_constraint|custom_call @Sharding\b")
 _CUSTOM_CALL = re.compile(r'custom_call\s+@"?([^"(\s]+)"?|call_target_name\s*=\s*"([^"]+)"')
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# The TPU compiler's out-of-memory messages: "... HLO temporaries (27.21G) exceeds available HBM (15.75G)",
+# or "Used 20.1G of 15.75G hbm".
+_OOM_NEED = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
+_OOM_LIMIT = re.compile(r"available HBM \(([\d.]+)([KMGT]?)\)|of ([\d.]+)([KMGT]?) hbm")
+_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of")
 
 
 def parse_topology(name: str) -> Tuple[str, int]:
@@ -77,6 +81,7 @@ def parse_topology(name: str) -> Tuple[str, int]:
 def tpu_devices(name: str) -> list:
     """Compile-only TPU devices of a topology (one per chip); hosts of up to 2x2x1 chips."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard, no lockfile
     generation, chips = parse_topology(name)
     if importlib.util.find_spec("libtpu") is None:
         raise ValueError("compiling for TPU needs libtpu: pip install -e '.[tpu]' "
@@ -114,8 +119,8 @@ def load_config(name: str, overrides: Sequence[str]):
     cfg = config_io.resolve_config(name)
     argv = ["compile.py", *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_dict("config", cfg, flag_values=values, sys_argv=argv)
     try:
+        config_flags.DEFINE_config_dict("config", cfg, flag_values=values, sys_argv=argv)
         values(argv)
     except (AttributeError, KeyError, flags.Error) as e:
         raise ValueError(f"config {name!r}: cannot apply overrides {list(overrides)}: "
@@ -299,15 +304,11 @@ def compile_tpu(program: Program, hbm_bytes: int, chips: int) -> Dict[str, Any]:
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
-    except Exception as e:  # XlaRuntimeError; only an HBM overflow is an answer, the rest is a bug
-        m = _OOM.search(str(e))
-        if not m:
+    except Exception as e:  # JaxRuntimeError; only an HBM overflow is an answer, the rest is a bug
+        if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        used = _bytes(m.group(1), m.group(2))
-        return dict(per_chip_bytes=dict(arguments=None, outputs=None, temp=None, total=used),
-                    fits=False, flops=None, flops_per_chip=None, sharding_constraints=constraints,
-                    lower_s=t1 - t0, compile_s=time.perf_counter() - t1, compiler_hbm_limit_bytes=_bytes(
-                        m.group(3), m.group(4)), error=str(e).strip().splitlines()[0][:400])
+        return dict(fits=False, flops=None, flops_per_chip=None, sharding_constraints=constraints,
+                    lower_s=t1 - t0, compile_s=time.perf_counter() - t1, **oom_report(str(e), program))
     compile_s = time.perf_counter() - t1
     mem = compiled.memory_analysis()
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -320,6 +321,32 @@ def compile_tpu(program: Program, hbm_bytes: int, chips: int) -> Dict[str, Any]:
                 fits=bool(total <= hbm_bytes), flops=None if per_chip is None else per_chip * chips,
                 flops_per_chip=per_chip, sharding_constraints=constraints,
                 lower_s=t1 - t0, compile_s=compile_s)
+
+
+def argument_bytes_per_chip(args) -> int:
+    """Bytes of one device's shards of the abstract arguments."""
+    import jax
+    def one(x):
+        shape = x.shape if x.sharding is None else x.sharding.shard_shape(x.shape)
+        return math.prod(shape) * x.dtype.itemsize
+    return int(sum(one(x) for x in jax.tree.leaves(args)))
+
+
+def oom_report(message: str, program: Program) -> Dict[str, Any]:
+    """Per-chip bytes from a TPU compiler out-of-memory message (arguments from the shardings)."""
+    def found(pattern):
+        m = pattern.search(message)
+        if not m:
+            return None
+        value, unit = [g for g in m.groups() if g is not None][:2]  # the alternative that matched
+        return _bytes(value, unit)
+    arguments = argument_bytes_per_chip(program.args)
+    temp, used = found(_OOM_NEED), found(_OOM_USED)
+    total = used if used is not None else (None if temp is None else arguments + temp)
+    first = next((line for line in message.splitlines() if "RESOURCE_EXHAUSTED" in line), message)
+    return dict(per_chip_bytes=dict(arguments=arguments, outputs=None, temp=temp, total=total),
+                compiler_hbm_limit_bytes=found(_OOM_LIMIT), memory_source="compiler out-of-memory error",
+                error=first.strip()[:400])
 
 
 def custom_call_targets(text: str) -> List[str]:
@@ -407,7 +434,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         remat=str(cfg.transformer.get("remat", "none")), prng_impl=str(cfg.get("prng_impl", "threefry2x32")),
         dtype=str(cfg.transformer.dtype), mesh={k: int(v) for k, v in mesh.shape.items()}, chips=chips,
         device_kind=devices[0].device_kind, hbm_bytes=hbm, overrides=list(overrides),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         jax=jax.__version__, libtpu=libtpu_version, note=args.note, **host_description())
     rows = []
     for program in programs:
