@@ -193,9 +193,10 @@ def transformer_programs(cfg, mesh, names: Sequence[str], batch: int, decode_bat
     import jax
     import jax.numpy as jnp
 
-    from maskgen import optim, scheduler, train_state
+    from maskgen import scheduler
     from maskgen import sharding as shd
-    from maskgen import train_step_transformer as tst
+    from maskgen.training import optimizer, train_state
+    from maskgen.training import transformer_step as tst
     from maskgen.models import factory
     from maskgen.models.sizes import seq_len, token_grid, token_layout
     from maskgen.sampling import decode_config_from
@@ -203,7 +204,7 @@ def transformer_programs(cfg, mesh, names: Sequence[str], batch: int, decode_bat
     layout, length = token_layout(cfg), seq_len(cfg)
     model = factory.transformer_model(cfg)
     tcfg = cfg.transformer_train
-    tx, lr = optim.adamw(tcfg, int(tcfg.get("num_train_steps") or cfg.num_train_steps))
+    tx, lr = optimizer.adamw(tcfg, int(tcfg.get("num_train_steps") or cfg.num_train_steps))
     init = tst.make_init(model, tx, length)
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
@@ -260,9 +261,9 @@ def tokenizer_program(cfg, mesh, batch: int) -> Program:
     import jax
     import jax.numpy as jnp
 
-    from maskgen import optim, train_state
     from maskgen import sharding as shd
-    from maskgen import train_step_tokenizer as tts
+    from maskgen.training import optimizer, train_state
+    from maskgen.training import tokenizer_step as tts
     from maskgen.models import factory
 
     _check_batch(batch, mesh, "tokenizer train")
@@ -271,8 +272,8 @@ def tokenizer_program(cfg, mesh, batch: int) -> Program:
     with tcfg.unlocked():
         tcfg.disc_start_step = 0  # the full step: what must fit
     steps = int(tcfg.get("num_train_steps") or cfg.num_train_steps)
-    tx, lr = optim.adamw(tcfg, steps)
-    disc_tx, _ = optim.adamw(tcfg, steps, learning_rate=tcfg.disc_learning_rate)
+    tx, lr = optimizer.adamw(tcfg, steps)
+    disc_tx, _ = optimizer.adamw(tcfg, steps, learning_rate=tcfg.disc_learning_rate)
     step_fn = tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, tcfg.ema_decay)
     shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
     init = tts.make_init(vqgan, disc, tx, disc_tx, shape)

@@ -14,7 +14,7 @@ where those names live on a `(data, fsdp, tensor)` mesh:
   only what is really split.
 * Batches are split over (data, fsdp) on their leading dimension.
 * Activations: the models mark a few of them with logical names
-  (`constrain`, e.g. the residual stream as (batch, length, embed)). Inside a
+  (`axes.constrain`, e.g. the residual stream as (batch, length, embed)). Inside a
   function compiled by `jit_sharded` (or under `activation_sharding`) each mark
   becomes a `with_sharding_constraint` resolved with `ACTIVATION_RULES` (batch
   over data x fsdp, heads and MLP features over tensor, the width whole: FSDP
@@ -25,7 +25,6 @@ Parameter rules can be overridden from a config (`cfg.sharding_rules`, a dict
 of logical name -> list of mesh axes or lists of axes).
 """
 import contextlib
-import contextvars
 import functools
 import math
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -212,41 +211,38 @@ def describe(tree_of_shardings) -> Dict[str, str]:
     return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}
 
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("maskgen_activation_sharding", default=None)
+class _Pin:
+    """Turns an activation mark into a sharding constraint on `mesh` (`axes.pinning` holds it)."""
+
+    def __init__(self, mesh: Mesh, rules: Mapping[str, Sequence[Any]]):
+        self.mesh, self.rules = mesh, rules
+
+    def spec(self, logical: Sequence[Optional[str]], shape: Sequence[int]) -> PartitionSpec:
+        return resolve_spec(logical, shape, self.mesh, self.rules, largest_first=False)
+
+    def __call__(self, x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
+        if self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(logical, x.shape)))
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Optional[Mesh],
                         rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES) -> Iterator[None]:
-    """While tracing inside this context, `constrain` pins activations on `mesh` (None: off).
+    """While tracing inside this context, the models' `axes.constrain` marks pin activations on `mesh`.
 
     A context variable rather than flax's `logical_axis_rules` + a global mesh:
     under those, flax re-checks DenseGeneral's 3-axis kernel names against its
-    flat 2-D init and fails.
+    flat 2-D init and fails. None turns the marks off.
     """
-    token = _ACTIVE.set(None if mesh is None else (mesh, rules))
-    try:
+    with axes.pinning(None if mesh is None else _Pin(mesh, rules)):
         yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 def activation_spec(logical: Sequence[Optional[str]], shape: Sequence[int]) -> Optional[PartitionSpec]:
-    """The spec `constrain` would apply now (None outside `activation_sharding`)."""
-    active = _ACTIVE.get()
-    if active is None:
-        return None
-    mesh, rules = active
-    return resolve_spec(logical, shape, mesh, rules, largest_first=False)
-
-
-def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
-    """`x` pinned to the active mesh by its logical axis names; the identity without one."""
-    active = _ACTIVE.get()
-    if active is None or active[0].size == 1:
-        return x
-    spec = activation_spec(logical, x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(active[0], spec))
+    """The spec a mark gets now (None outside `activation_sharding`)."""
+    pin = axes.active_pin()
+    return pin.spec(logical, shape) if isinstance(pin, _Pin) else None
 
 
 def mesh_of(shardings) -> Optional[Mesh]:

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from maskgen import config_io, optim, train_state
+from maskgen import config_io
 from maskgen import sharding as shd
-from maskgen import train_step_transformer as tst
 from maskgen.models.factory import transformer_from_block
 from maskgen.models.sizes import seq_len, token_layout
+from maskgen.training import optimizer, train_state
+from maskgen.training import transformer_step as tst
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 
@@ -34,7 +35,7 @@ def cfg():
 def _setup(cfg):
     layout, length = token_layout(cfg), seq_len(cfg)
     model = transformer_from_block(cfg.transformer, layout, length)
-    tx, lr = optim.adamw(cfg.transformer_train, 10)
+    tx, lr = optimizer.adamw(cfg.transformer_train, 10)
     step_fn = tst.make_train_step(model, layout, tx, lr, cfg.transformer_train, cfg.transformer_train.ema_decay)
     return model, layout, length, step_fn, tst.make_init(model, tx, length)
 
