@@ -12,14 +12,22 @@ where those names live on a `(data, fsdp, tensor)` mesh:
   (e.g. a 2025-row vocabulary on 4 fsdp devices stays whole and the embedding
   width is sharded instead). Mesh axes of size 1 are dropped, so a spec says
   only what is really split.
-* Batches are split over (data, fsdp) on their leading dimension; activations
-  are left to the compiler (see `jit_sharded`).
+* Batches are split over (data, fsdp) on their leading dimension.
+* Activations: the models mark a few of them with logical names
+  (`axes.constrain`, e.g. the residual stream as (batch, length, embed)). Inside a
+  function compiled by `jit_sharded` (or under `activation_sharding`) each mark
+  becomes a `with_sharding_constraint` resolved with `ACTIVATION_RULES` (batch
+  over data x fsdp, heads and MLP features over tensor, the width whole: FSDP
+  shards weights, not the residual stream); elsewhere it is the identity, so
+  single-device code and tests see no mesh.
 
-Rules can be overridden from a config (`cfg.sharding_rules`, a dict of
-logical name -> list of mesh axes or lists of axes).
+Parameter rules can be overridden from a config (`cfg.sharding_rules`, a dict
+of logical name -> list of mesh axes or lists of axes).
 """
+import contextlib
+import functools
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -48,6 +56,18 @@ RULES: Dict[str, Tuple[Any, ...]] = {
     axes.CONV_OUT: ("tensor", "fsdp"),
     axes.CODEBOOK: ("fsdp",),
     axes.CODE_DIM: (),
+}
+
+# Activations: logical name -> candidate mesh axes. Visited in the array's own
+# dimension order (batch first), unlike parameters (largest dimension first).
+ACTIVATION_RULES: Dict[str, Tuple[Any, ...]] = {
+    axes.BATCH: (BATCH_AXES, "data", "fsdp"),
+    axes.LENGTH: (),
+    axes.EMBED: (),
+    axes.MLP: ("tensor",),
+    axes.HEADS: ("tensor",),
+    axes.HEAD_DIM: (),
+    axes.VOCAB: (),
 }
 
 
@@ -102,15 +122,21 @@ def _candidate_axes(candidate) -> Tuple[str, ...]:
 
 
 def resolve_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
-                 rules: Mapping[str, Sequence[Any]] = RULES) -> PartitionSpec:
-    """Mesh PartitionSpec for an array with logical axis names `logical` and `shape`."""
+                 rules: Mapping[str, Sequence[Any]] = RULES, largest_first: bool = True) -> PartitionSpec:
+    """Mesh PartitionSpec for an array with logical axis names `logical` and `shape`.
+
+    `largest_first` visits dimensions from the largest down (parameters: FSDP on
+    the biggest one); False visits them in order (activations: batch first).
+    """
     logical = tuple(logical)
     if len(logical) != len(shape):
         raise ValueError(f"logical axes {logical} do not match shape {tuple(shape)}")
     sizes = dict(mesh.shape)
     assigned: list = [None] * len(shape)
     used: set = set()
-    order = sorted(range(len(shape)), key=lambda i: -shape[i])  # stable: largest first
+    order = list(range(len(shape)))
+    if largest_first:
+        order.sort(key=lambda i: -shape[i])  # stable: ties keep their order
     for i in order:
         name = logical[i]
         if name is None:
@@ -185,16 +211,63 @@ def describe(tree_of_shardings) -> Dict[str, str]:
     return {jax.tree_util.keystr(path): str(s.spec) for path, s in flat}
 
 
+class _Pin:
+    """Turns an activation mark into a sharding constraint on `mesh` (`axes.pinning` holds it)."""
 
-def jit_sharded(fn, in_shardings, out_shardings, donate_argnums=()):
-    """`jax.jit` with explicit in/out shardings (and donation).
+    def __init__(self, mesh: Mesh, rules: Mapping[str, Sequence[Any]]):
+        self.mesh, self.rules = mesh, rules
 
-    Activations are placed by the compiler from the parameter and batch
-    shardings. The models' `with_logical_constraint` hints stay inactive: binding
-    them needs a global mesh, under which flax's DenseGeneral re-checks its
-    3-axis kernel names against the flat 2-D init and fails.
+    def spec(self, logical: Sequence[Optional[str]], shape: Sequence[int]) -> PartitionSpec:
+        return resolve_spec(logical, shape, self.mesh, self.rules, largest_first=False)
+
+    def __call__(self, x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
+        if self.mesh.size == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(logical, x.shape)))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Optional[Mesh],
+                        rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES) -> Iterator[None]:
+    """While tracing inside this context, the models' `axes.constrain` marks pin activations on `mesh`.
+
+    A context variable rather than flax's `logical_axis_rules` + a global mesh:
+    under those, flax re-checks DenseGeneral's 3-axis kernel names against its
+    flat 2-D init and fails. None turns the marks off.
     """
-    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+    with axes.pinning(None if mesh is None else _Pin(mesh, rules)):
+        yield
+
+
+def activation_spec(logical: Sequence[Optional[str]], shape: Sequence[int]) -> Optional[PartitionSpec]:
+    """The spec a mark gets now (None outside `activation_sharding`)."""
+    pin = axes.active_pin()
+    return pin.spec(logical, shape) if isinstance(pin, _Pin) else None
+
+
+def mesh_of(shardings) -> Optional[Mesh]:
+    """The mesh of the first NamedSharding in a tree (None if there is none)."""
+    for leaf in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(leaf, NamedSharding):
+            return leaf.mesh
+    return None
+
+
+def jit_sharded(fn: Callable, in_shardings, out_shardings, donate_argnums=(),
+                activation_rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES):
+    """`jax.jit` with explicit in/out shardings (and donation) and live activation constraints.
+
+    `fn` is traced under `activation_sharding(mesh of in_shardings)`, so the
+    models' `constrain` marks become sharding constraints of the compiled step.
+    """
+    mesh = mesh_of(in_shardings)
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_sharding(mesh, activation_rules):
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums)
 
 

@@ -4,7 +4,9 @@ The parameter tree follows google-research/maskgit exactly (`Embed_0`,
 `TransformerLayer_{i}/Attention_0/self_attention/{query,key,value,out}`,
 `Mlp_0`, `MlmLayer_0`), so an official checkpoint's `params` can be passed to
 `apply` unchanged. Every parameter carries logical axis names from
-`maskgen.axes`; meshes are the trainer's business.
+`maskgen.axes`, and so do the residual stream and the MLP hidden activations
+(`axes.constrain`: sharding constraints inside `maskgen.sharding.jit_sharded`, the
+identity elsewhere); meshes are the trainer's business.
 
 Three entry points share the parameters:
   * `__call__(ids)`                         -> logits
@@ -173,7 +175,8 @@ class Mlp(nn.Module):
         self.layer_output_ln = _layer_norm("layer_output_ln", self.dtype, self.param_dtype)
 
     def __call__(self, x, deterministic: bool):
-        h = self.layer_output(_gelu(self.intermediate_output(x)))
+        h = axes.constrain(_gelu(self.intermediate_output(x)), (axes.BATCH, axes.LENGTH, axes.MLP))
+        h = self.layer_output(h)
         h = self.dropout(h, deterministic=deterministic)
         return self.layer_output_ln(h + x)
 
@@ -196,7 +199,7 @@ class TransformerLayer(nn.Module):
     def __call__(self, x, deterministic: bool, kv=None, positions=None):
         x, new_kv = self.Attention_0(x, deterministic, kv, positions)
         x = self.Mlp_0(x, deterministic)
-        return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_kv
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_kv
 
 
 class Bias(nn.Module):
@@ -265,7 +268,7 @@ class Transformer(nn.Module):
 
     def _run(self, ids, positions, deterministic, num_logits, kv: Optional[KVCache] = None):
         x = self.Embed_0(self._canonical(ids), positions, deterministic)
-        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
             layer_kv = None if kv is None else (kv.k[i], kv.v[i])
