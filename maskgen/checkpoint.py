@@ -159,8 +159,11 @@ class StageCheckpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, state_tree: Dict[str, Any], data_state: Dict[str, Any],
-             metrics: Optional[Dict[str, float]] = None) -> bool:
-        """Starts an (async) save of `state_tree` and the input position at `step`."""
+             metrics: Optional[Dict[str, float]] = None, timeout: Optional[float] = None) -> bool:
+        """Starts an (async) save of `state_tree` and the input position at `step`.
+
+        Waits (at most `timeout` s) for the previous save first, so its failure is reported as its own.
+        """
         if step in self.manager.all_steps():
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
@@ -169,7 +172,7 @@ class StageCheckpoints:
         if self.failed:
             raise CheckpointIOError(f"checkpoint step {step} not saved to {self.directory}: an earlier save "
                                     "failed")
-        self.wait()  # the previous save: its failure is reported as such, not as this step's
+        self.wait(timeout)  # the previous save: its failure is reported as such, not as this step's
         try:
             started = self.manager.save(
                 int(step), metrics=metrics, force=True,

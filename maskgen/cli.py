@@ -96,6 +96,9 @@ def report(err: BaseException, argv: Optional[Sequence[str]] = None) -> int:
     if isinstance(err, KeyboardInterrupt):
         print(f"{PREFIX}interrupted", file=sys.stderr)
         return 130
+    if isinstance(err, Preempted):
+        print(f"maskgen: {one_line(err)}", file=sys.stderr)
+        return err.exit_code
     if is_user_error(err):
         if verbose(argv):
             traceback.print_exception(err, file=sys.stderr)
@@ -155,8 +158,14 @@ def _absl_flags_parser(argv: Sequence[str]):
     try:
         return flags.FLAGS(argv)
     except flags.Error as err:
-        print(PREFIX + one_line(err) + f" (see {os.path.basename(argv[0])} --helpfull)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        message = one_line(err)
+    except (AttributeError, KeyError) as err:  # ml_collections: an override naming a key the config lacks
+        key = str(err).strip("\"'")
+        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0]]
+        message = (f"{bad[0] if bad else 'a --config override'}: the config has no key {key!r} (typo? "
+                   "configs/common.py lists every key)")
+    print(PREFIX + message + f" (see {os.path.basename(argv[0])} --helpfull)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def run_absl(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
