@@ -14,6 +14,7 @@ Make Inception weights with `python -m maskgen.eval.convert_inception --torchscr
 import argparse
 import io
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -27,6 +28,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--metric", required=True, choices=("fid", "fashion"))
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--batch_size", type=int, default=200, help="images per sharded batch")
+    parser.add_argument("--verbose", action="store_true",
+                        help="tracebacks for user errors too (MASKGEN_VERBOSE=1)")
     fid = parser.add_argument_group("fid")
     fid.add_argument("--inception", help="Flax Inception weights (.npz from convert_inception)")
     fid.add_argument("--ref_stats", help="reference .npz (ADM layout: mu, sigma; features or arr_0 for P/R)")
@@ -46,6 +49,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--metric fid needs --ref_stats and/or --save_stats")
     if args.metric == "fashion" and not args.cache_dir:
         parser.error("--metric fashion needs --cache_dir DIR")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory; --out names the JSON file to write")
     return args
 
 
@@ -124,4 +131,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from maskgen import cli
+    cli.run(lambda argv: (main(argv), 0)[1], sys.argv[1:])
