@@ -138,6 +138,25 @@ def quiet_library_errors() -> None:
     for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
         handler.addFilter(_DropOrbax())
 
+    # tensorstore reports callbacks into orbax's already-closed asyncio loops (after a failed write)
+    # through sys.excepthook / unraisablehook, dozens of times: the same failure, already reported by us.
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+            return
+        previous_unraisable(info)
+
+    sys.unraisablehook = unraisable
+
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]],
         argv: Optional[Sequence[str]] = None) -> NoReturn:
