@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -60,7 +61,12 @@ def _load_samples(path: str, need_labels: bool) -> tuple[np.ndarray, Optional[np
     from maskgen import paths
     if not paths.is_file(path):
         raise ValueError(f"--samples {path}: no such file")
-    with np.load(io.BytesIO(paths.read_bytes(path))) as data:  # local or gs://
+    raw = io.BytesIO(paths.read_bytes(path))  # local or gs://
+    if not zipfile.is_zipfile(raw):  # np.load would talk about allow_pickle
+        raise ValueError(f"--samples {path} is not an .npz file (not a zip archive); sample.py writes one "
+                         "(OUT/samples.npz)")
+    raw.seek(0)
+    with np.load(raw, allow_pickle=False) as data:
         if "images" not in data.files:
             raise ValueError(f"{path} has no `images` array (keys: {sorted(data.files)})")
         if need_labels and "labels" not in data.files:
