@@ -6,11 +6,14 @@
 Writes OUT/grid.png (one row per class) and OUT/samples.npz with `images` (uint8 [N,H,W,C]), `labels` [N]
 and `tokens` [N,h,w]. Decoding options default to the model config's `sampling` block; every flag
 below overrides one of them. `--edit` switches to editing (see maskgen/edit_cli.py).
+Flags are checked before the model loads: a bad value exits 2 with one line naming the flag; other
+errors exit 1 with one line (`--verbose` or MASKGEN_VERBOSE=1 adds the traceback).
 """
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from maskgen.cli import UsageError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (or a converted checkpoint directory)")
 _CONFIG = flags.DEFINE_string("config", None, "config file for a checkpoint directory that has no config.json")
@@ -34,6 +37,8 @@ _ORDER = flags.DEFINE_string("order", None, "confidence | halton")
 flags.DEFINE_integer("recap_full_only_steps", None, "recap: P leading steps that use full evaluations only")
 flags.DEFINE_integer("recap_cheap_per_full", None,
                      "recap: K cheap (context-reusing) evaluations after each full one; 0 = ReCAP off")
+
+flags.DEFINE_boolean("verbose", False, "print tracebacks of user errors too (also MASKGEN_VERBOSE=1)")
 
 FLAGS = flags.FLAGS
 
@@ -59,8 +64,38 @@ def parse_classes(text, num_classes: int):
         raise ValueError(f"--classes must be comma-separated integers, got {text!r}") from None
 
 
+def check_flags() -> None:
+    """Flag values that are wrong whatever the model: UsageError (exit 2) before anything loads."""
+    if not _WORKDIR.value:
+        raise UsageError("--workdir is required")
+    for flag, low in ((_BATCH, 1), (_PER_CLASS, 1), (_SCALE, 0), (_STEPS, 1), (_TOP_K, 0),
+                      (FLAGS["recap_full_only_steps"], 0), (FLAGS["recap_cheap_per_full"], 0)):
+        if flag.value is not None and flag.value < low:
+            raise UsageError(f"--{flag.name} must be >= {low}, got {flag.value}")
+    if _TOP_P.value is not None and not 0.0 < _TOP_P.value <= 1.0:
+        raise UsageError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+    out = _OUT.value
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is an existing file; --out names a directory (it will hold "
+                         "grid.png and samples.npz)")
+
+
+def check_recap(sampling: dict) -> None:
+    """ReCAP against the decoding steps, naming the flags (the config's value when a flag is unset)."""
+    steps = int(sampling["steps"])
+    full_only = int(sampling.get("recap_full_only_steps") or 0)
+    if full_only > steps:
+        raise UsageError(f"--recap_full_only_steps={full_only} is larger than the decoding steps "
+                         f"(--steps or the config's sampling.steps: {steps}); it must be <= {steps}")
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments: {argv[1:]}")
+    check_flags()
+    if FLAGS["edit"].value:
+        from maskgen import edit_cli
+        edit_cli.check_out(FLAGS)
     import numpy as np
 
     import maskgen
@@ -68,8 +103,6 @@ def main(argv):
     from maskgen.image_grid import make_grid, save_npz, save_png
     from maskgen.sampling import Sampler, decode_config_from, recap_config_from
 
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
     # gs:// paths: scheme, credentials, bucket and permissions are checked before any model work.
     paths.check_storage(_WORKDIR.value, write=False, what="--workdir")
     if FLAGS["edit"].value:
@@ -85,6 +118,7 @@ def main(argv):
 
     sampling = dict(bundle.config.sampling)
     sampling.update(sampling_overrides())
+    check_recap(sampling)
     classes = parse_classes(_CLASSES.value, bundle.layout.num_real_classes)
     bundle.layout.check_labels(classes)
     if _PER_CLASS.value < 1:
@@ -107,6 +141,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from maskgen import edit_cli
+    from maskgen import cli, edit_cli
     edit_cli.add_edit_flags()
-    sys.exit(app.run(main))
+    cli.run_absl(main)

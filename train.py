@@ -9,24 +9,30 @@ from the latest readable checkpoint of each stage. Multi-process runs (several
 GPU hosts, TPU pods) set `--config.distributed=True`; every process runs the
 same command with the same WORKDIR on a filesystem all hosts share or in a bucket
 (`--workdir=gs://BUCKET/PATH`, README "Workdirs on Google Cloud Storage").
+
+Exit status (README, "Exit codes and failures"): 0 finished; 75 stopped by SIGTERM after writing a
+checkpoint, rerun to resume (MASKGEN_PREEMPT_EXIT_CODE changes it); 2 a bad flag; 1 anything else.
+Errors are one line on stderr (`--verbose` or MASKGEN_VERBOSE=1 adds the traceback).
 """
 import logging
 import os
+import sys
 
-from absl import app
 from absl import logging as absl_logging
 from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.json.")
+flags.DEFINE_boolean("verbose", False, "print tracebacks of user errors too (also MASKGEN_VERBOSE=1)")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from maskgen import cli
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
     cfg = FLAGS.config
     if cfg.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -37,15 +43,22 @@ def main(argv):
                                                        ("process_id", "JAX_PROCESS_ID"))
             if env in os.environ})
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain chatter
+    from maskgen import cli
+    cli.quiet_library_errors()  # a failed save is reported once, as one line, by maskgen
     logging.getLogger("maskgen").setLevel(logging.INFO)
     log = logging.getLogger("maskgen")
     log.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__, jax.process_index(),
              jax.process_count(), jax.device_count(), jax.devices()[0].platform)
     from maskgen.training import trainer
-    trainer.train_and_evaluate(cfg, FLAGS.workdir)
+    from maskgen.training import preflight
+    result = trainer.train_and_evaluate(cfg, FLAGS.workdir, overrides=preflight.override_keys(sys.argv[1:]))
     if jax.process_index() == 0:
         print(trainer.summary(FLAGS.workdir), flush=True)
+    if getattr(result, "preempted", False):
+        raise cli.Preempted(f"preempted: checkpoint written in {os.path.abspath(FLAGS.workdir)}; rerun the "
+                            f"same command to resume (exit status {cli.preempt_exit_code()})")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from maskgen import cli
+    cli.run_absl(main)

@@ -23,22 +23,69 @@ the previous step is tried. A checkpoint whose parameter tree or shapes differ
 from the model being trained is an error naming the first mismatched path.
 Steps are kept by recency (`keep` newest) plus the best by a metric.
 """
+import errno
 import logging
+import os
+import re
 import shutil
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from maskgen import paths
+from maskgen.cli import UserError
 
 log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "MASKGEN_CHECKPOINT_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 900.0
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for a different model/config than the one restoring it."""
+
+
+class CheckpointIOError(UserError):
+    """A checkpoint could not be written (no space, permission, vanished directory, timeout).
+
+    Raised on the main thread within a step of the failure so training stops instead of running on
+    without checkpoints; the message is one line naming the path, the cause and what survives.
+    """
+
+
+def save_timeout_s() -> float:
+    """How long to wait for a save to finish before calling it hung (MASKGEN_CHECKPOINT_TIMEOUT_S)."""
+    text = os.environ.get(TIMEOUT_ENV)
+    return float(text) if text else DEFAULT_TIMEOUT_S
+
+
+_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_PATH = re.compile(r'(?:Failed writing|Failed to \w+|local file): "([^"]+)"')
+
+
+def io_cause(err: BaseException) -> str:
+    """The OS-level cause of a failed write, as short text ("No space left on device", ...).
+
+    orbax / tensorstore wrap errno in a ValueError text (`... [os_error_code='28']`); plain OSErrors
+    carry it as `errno`.
+    """
+    for e in (err, err.__cause__, err.__context__):
+        if isinstance(e, OSError) and e.errno:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"{os.strerror(e.errno)}{where}"
+    text = str(err)
+    code = _OS_CODE.search(text)
+    if code:
+        path = _FAILED_PATH.search(text)
+        return os.strerror(int(code.group(1))) + (f" ({path.group(1)})" if path else "")
+    if "RESOURCE_EXHAUSTED" in text:
+        return os.strerror(errno.ENOSPC)
+    return f"{type(err).__name__}: {_short(' '.join(text.split()), 240)}"
 
 
 def _path_str(path) -> str:
@@ -101,6 +148,8 @@ class StageCheckpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()))
+        self._pending: Optional[int] = None  # step of the async save not yet confirmed on disk
+        self.failed = False  # after a failure the manager is abandoned (its threads may never finish)
 
     def steps(self):
         return sorted(self.manager.all_steps())
@@ -110,22 +159,90 @@ class StageCheckpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, state_tree: Dict[str, Any], data_state: Dict[str, Any],
-             metrics: Optional[Dict[str, float]] = None) -> bool:
-        """Starts an (async) save of `state_tree` and the input position at `step`."""
+             metrics: Optional[Dict[str, float]] = None, timeout: Optional[float] = None) -> bool:
+        """Starts an (async) save of `state_tree` and the input position at `step`.
+
+        Waits (at most `timeout` s) for the previous save first, so its failure is reported as its own.
+        """
         if step in self.manager.all_steps():
             return False
         metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
         if self.best_metric and (metrics is None or self.best_metric not in metrics):
             metrics = None
-        return self.manager.save(
-            int(step), metrics=metrics, force=True,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
-                                    data=ocp.args.JsonSave(data_state)))
+        if self.failed:
+            raise CheckpointIOError(f"checkpoint step {step} not saved to {self.directory}: an earlier save "
+                                    "failed")
+        self.wait(timeout)  # the previous save: its failure is reported as such, not as this step's
+        try:
+            started = self.manager.save(
+                int(step), metrics=metrics, force=True,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+                                        data=ocp.args.JsonSave(data_state)))
+        except Exception as err:  # noqa: BLE001 - any write failure stops training with its cause
+            self._fail(step, err)
+        self._pending = int(step) if started else None
+        return started
 
-    def wait(self):
-        self.manager.wait_until_finished()
+    def _fail(self, step: int, err: BaseException):
+        self.failed, self._pending = True, None
+        intact = [s for s in self._finalized_steps() if s != step]
+        survivors = (f"earlier steps {intact} are intact" if intact else "no earlier step exists")
+        raise CheckpointIOError(
+            f"checkpoint step {step} could not be written to {os.path.join(self.directory, str(step))}: "
+            f"{io_cause(err)}; {survivors}. Fix the cause (free space, permissions, the directory) and "
+            "rerun the same command to resume") from err
 
-    def close(self):
+    def _finalized_steps(self):
+        try:
+            return sorted(int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit())
+        except OSError:
+            return []
+
+    def poll(self) -> None:
+        """Raises CheckpointIOError as soon as the last async save has failed (cheap: called every step)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Waits for the last save; CheckpointIOError if it failed, did not land, or took over `timeout` s.
+
+        The wait runs on a helper thread joined in short slices, so a SIGTERM handler still runs on
+        the main thread and a hung writer (a full disk can wedge orbax's event loops) cannot block
+        the process forever.
+        """
+        if self.failed:
+            return
+        step = self._pending
+        timeout = save_timeout_s() if timeout is None else timeout
+        outcome: Dict[str, BaseException] = {}
+
+        def target():
+            try:
+                self.manager.wait_until_finished()
+            except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
+                outcome["error"] = err
+
+        waiter = threading.Thread(target=target, name="maskgen-checkpoint-wait", daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + timeout
+        while waiter.is_alive() and time.monotonic() < deadline:
+            waiter.join(timeout=min(0.2, max(deadline - time.monotonic(), 0.0)))
+        if waiter.is_alive():
+            self._fail(step if step is not None else -1,
+                       TimeoutError(f"the save did not finish within {timeout:.0f} s ({TIMEOUT_ENV})"))
+        if "error" in outcome:
+            self._fail(step if step is not None else -1, outcome["error"])
+        if step is not None and jax.process_index() == 0 and \
+                not (epath.Path(self.directory) / str(step)).exists():
+            self._fail(step, FileNotFoundError(errno.ENOENT, "the step directory did not appear after the "
+                                               "save (the stage directory was removed?)"))
+        self._pending = None
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Waits for the last save (bounded) and closes; after a failure the manager is left to die."""
+        if self.failed:
+            return
+        self.wait(timeout)
         self.manager.close()
 
     def saved_tree(self, step: int):

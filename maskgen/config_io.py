@@ -8,8 +8,10 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+import time
 
 import ml_collections
+from etils import epath
 
 from maskgen import paths
 
@@ -32,9 +34,26 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-    """Inverse of `to_json`; the result is locked so typos in key names fail."""
-    data = json.loads(text)
+# Blocks every maskgen config has (configs/common.py); a JSON file without them is not a maskgen config.
+REQUIRED_KEYS = ("image_size", "image_channels", "num_classes", "tokenizer", "transformer", "sampling")
+
+
+def from_json(text: str, where: str = "config JSON") -> ml_collections.ConfigDict:
+    """Inverse of `to_json`; the result is locked so typos in key names fail.
+
+    A file that is not JSON, or JSON that is not a maskgen config, is a ValueError naming `where`
+    (not a UnicodeDecodeError or an AttributeError from deep inside model building).
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as err:  # JSONDecodeError
+        raise ValueError(f"{where} is not valid JSON ({err}); restore it from a config.<time>.json "
+                         "beside it, or pass the config file it was trained with") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} holds a JSON {type(data).__name__}, not a maskgen config")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise ValueError(f"{where} is not a maskgen config: it lacks {missing}")
     if isinstance(data.get("stages"), list):
         data["stages"] = tuple(data["stages"])
     cfg = ml_collections.ConfigDict(data)
@@ -42,18 +61,46 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _atomic_write(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes `workdir/config.json` atomically (local or gs://, see `paths.atomic_write`); returns its path."""
-    path = paths.join(workdir, "config.json")
-    paths.write_text(path, to_json(cfg))
-    return path
+    """Writes `workdir/config.json` atomically; returns its path.
+
+    When a different config.json is already there it is kept as `config.<UTC time>.json` first, so the
+    config every earlier checkpoint was written with stays in the workdir.
+    """
+    directory = paths.as_path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.json"
+    text = to_json(cfg)
+    if path.exists():
+        old = path.read_bytes()
+        if old == text.encode():
+            return str(path)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        history = directory / f"config.{stamp}.json"
+        n = 1
+        while history.exists():
+            history, n = directory / f"config.{stamp}.{n}.json", n + 1
+        _atomic_write(history, old.decode("utf-8", errors="replace"))
+    _atomic_write(path, text)
+    return str(path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config.json of a workdir; a ValueError naming the file when it is missing or not a config."""
     path = paths.as_path(workdir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{workdir} has no config.json: not a maskgen training directory")
-    return from_json(path.read_text())
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (binary garbage?): not a maskgen config.json") from None
+    return from_json(text, where=str(path))
 
 
 def _config_dirs() -> list[str]:

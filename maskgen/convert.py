@@ -105,12 +105,14 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True,
                         help="maskgen config: a name in configs/ (imagenet256, imagenet512) or a file")
     parser.add_argument("--out", required=True, help="output directory (a maskgen workdir)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="tracebacks for user errors too (MASKGEN_VERBOSE=1)")
     args = parser.parse_args(argv)
     try:
         stage_dir = convert(args.official, args.kind, args.config, args.out)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 - one line for user errors, the traceback for bugs
+        from maskgen import cli
+        return cli.report(err, argv)
     config_path = os.path.join(os.path.dirname(stage_dir), "config.json")
     print(f"wrote {args.kind} to {stage_dir} (config {config_path})")
     return 0

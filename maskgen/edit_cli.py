@@ -149,6 +149,14 @@ def _decoding_kwargs(flag_values) -> dict:
     return kwargs
 
 
+def check_out(flag_values=flags.FLAGS) -> None:
+    """Refuses an --out that is an existing file before the model loads (it must be a directory)."""
+    out = _value(flag_values, "out")
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is an existing file; --out names a directory (it will hold "
+                         "before_after.png and edit.npz)")
+
+
 def _out_dir(flag_values) -> str:
     out = _value(flag_values, "out")
     if out:
@@ -203,6 +211,7 @@ def edit_from_flags(bundle, flag_values=flags.FLAGS) -> dict:
     channels = int(bundle.image_shape[2])
     image = load_image(_value(flag_values, "image"), channels)
     region = _region(flag_values, mode)
+    check_out(flag_values)
     out_dir = _out_dir(flag_values)
     kwargs = _decoding_kwargs(flag_values)
     kwargs.update(seed=_value(flag_values, "seed", 0), resize=_value(flag_values, "resize", False),

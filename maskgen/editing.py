@@ -141,7 +141,8 @@ def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _size_error(size, model_size) -> ValueError:
     return ValueError(f"image is {size[0]}x{size[1]} pixels, the model works at {model_size[0]}x"
-                      f"{model_size[1]}: resize it first or pass resize=True")
+                      f"{model_size[1]}: resize it first or pass resize=True "
+                      "(--resize with sample.py --edit)")
 
 
 # ----------------------------------------------------------------------------- model calls

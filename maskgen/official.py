@@ -44,6 +44,11 @@ TRANSFORMER_PARTS = ("Embed_0", "MlmLayer_0")
 def read_official(path: str | os.PathLike) -> dict:
     """Reads an official checkpoint file into nested dicts of numpy arrays ({"params": ...})."""
     path = paths.normalize(path)  # local or gs://
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if "checkpoint" in f)[:3]
+        hint = f" (e.g. {os.path.join(path, files[0])})" if files else ""
+        raise ValueError(f"--official {path} is a directory; pass the checkpoint file itself{hint}, as "
+                         "downloaded (tokenizer_imagenet256_checkpoint, maskgit_imagenet256_checkpoint, ...)")
     if not paths.is_file(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
     raw = paths.read_bytes(path)

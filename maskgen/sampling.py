@@ -58,12 +58,23 @@ def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
 
 def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
     """RecapConfig from a config's `sampling` block; None when K (cheap per full) is 0."""
-    s = sampling_block(sampling)
-    s.update(overrides)
-    cheap = int(s.get("recap_cheap_per_full", 0))
-    if cheap == 0:
+    given = {**dict(sampling or {}), **overrides}
+    s = sampling_block(given)
+    values = {}
+    for key in ("recap_cheap_per_full", "recap_full_only_steps"):
+        value = s.get(key) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"sampling.{key} (--{key}) must be a non-negative integer, got {value!r}")
+        values[key] = value
+    steps = given.get("steps")  # only a known step count; the editing CLI passes none
+    if steps is not None and values["recap_full_only_steps"] > int(steps):
+        raise ValueError(f"sampling.recap_full_only_steps (--recap_full_only_steps) = "
+                         f"{values['recap_full_only_steps']} is larger than the decoding steps "
+                         f"(sampling.steps / --steps) = {steps}")
+    if values["recap_cheap_per_full"] == 0:
         return None
-    return RecapConfig(full_only_steps=int(s.get("recap_full_only_steps", 0)), cheap_steps=cheap)
+    return RecapConfig(full_only_steps=values["recap_full_only_steps"],
+                       cheap_steps=values["recap_cheap_per_full"])
 
 
 def to_uint8(images):

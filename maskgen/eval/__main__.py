@@ -14,7 +14,9 @@ Make Inception weights with `python -m maskgen.eval.convert_inception --torchscr
 import argparse
 import io
 import json
+import os
 import sys
+import zipfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -27,6 +29,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--metric", required=True, choices=("fid", "fashion"))
     parser.add_argument("--out", help="write the metrics as JSON here")
     parser.add_argument("--batch_size", type=int, default=200, help="images per sharded batch")
+    parser.add_argument("--verbose", action="store_true",
+                        help="tracebacks for user errors too (MASKGEN_VERBOSE=1)")
     fid = parser.add_argument_group("fid")
     fid.add_argument("--inception", help="Flax Inception weights (.npz from convert_inception)")
     fid.add_argument("--ref_stats", help="reference .npz (ADM layout: mu, sigma; features or arr_0 for P/R)")
@@ -46,6 +50,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error("--metric fid needs --ref_stats and/or --save_stats")
     if args.metric == "fashion" and not args.cache_dir:
         parser.error("--metric fashion needs --cache_dir DIR")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory; --out names the JSON file to write")
     return args
 
 
@@ -53,7 +61,12 @@ def _load_samples(path: str, need_labels: bool) -> tuple[np.ndarray, Optional[np
     from maskgen import paths
     if not paths.is_file(path):
         raise ValueError(f"--samples {path}: no such file")
-    with np.load(io.BytesIO(paths.read_bytes(path))) as data:  # local or gs://
+    raw = io.BytesIO(paths.read_bytes(path))  # local or gs://
+    if not zipfile.is_zipfile(raw):  # np.load would talk about allow_pickle
+        raise ValueError(f"--samples {path} is not an .npz file (not a zip archive); sample.py writes one "
+                         "(OUT/samples.npz)")
+    raw.seek(0)
+    with np.load(raw, allow_pickle=False) as data:
         if "images" not in data.files:
             raise ValueError(f"{path} has no `images` array (keys: {sorted(data.files)})")
         if need_labels and "labels" not in data.files:
@@ -124,4 +137,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from maskgen import cli
+    cli.run(lambda argv: (main(argv), 0)[1], sys.argv[1:])

@@ -11,6 +11,7 @@ x, i.e. [-1, 0.9921875]. `preprocess` takes uint8 images of any size there.
 """
 import functools
 import os
+import zipfile
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -267,8 +268,17 @@ def load_params(path: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise ValueError(f"Inception weights file not found: {path} (make one with "
                          "`python -m maskgen.eval.convert_inception --torchscript default --out FILE`)")
-    with np.load(path) as data:
-        flat = {key: data[key].astype(np.float32) for key in data.files}
+    hint = "make one with `python -m maskgen.eval.convert_inception --torchscript default --out FILE`"
+    if os.path.isdir(path):
+        raise ValueError(f"Inception weights {path} is a directory, not an .npz ({hint})")
+    if not zipfile.is_zipfile(path):  # np.load would talk about allow_pickle
+        raise ValueError(f"Inception weights {path} is not an .npz of weights (not a zip archive); {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            flat = {key: data[key].astype(np.float32) for key in data.files}
+    except (ValueError, OSError, EOFError) as err:
+        reason = " ".join(str(err).split())[:120]
+        raise ValueError(f"Inception weights {path} is not an .npz of weights ({reason}); {hint}") from None
     return check_params(traverse_util.unflatten_dict(flat, sep="/"))
 
 

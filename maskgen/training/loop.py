@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Optional
@@ -51,24 +52,65 @@ class Preempted(Exception):
     """Raised by long set-up work (pre-tokenisation) when a stop was requested."""
 
 
+STOP_TIMEOUT_ENV = "MASKGEN_STOP_TIMEOUT_S"
+DEFAULT_STOP_TIMEOUT_S = 100.0
+
+
+def stop_timeout_s() -> float:
+    """Seconds from SIGTERM to exit, whatever happens (MASKGEN_STOP_TIMEOUT_S, default 100).
+
+    Schedulers send SIGKILL some time after SIGTERM (SLURM's KillWait, Kubernetes' grace period); a
+    run that has not exited by then loses its final checkpoint silently, so we bound it ourselves.
+    """
+    text = os.environ.get(STOP_TIMEOUT_ENV)
+    return float(text) if text else DEFAULT_STOP_TIMEOUT_S
+
+
 class StopSignal:
     """Preemption: the loop saves a checkpoint and stops at the next step.
 
     One process: our SIGTERM handler sets `requested`. Several processes: JAX's
     preemption service (started by jax.distributed.initialize) receives the
     notice and picks one step at which every host stops together.
+
+    From the first SIGTERM a watchdog gives the process `stop_timeout_s()` to finish: the final save
+    gets what is left of it (`remaining()`), and if the process is still alive at the deadline (a
+    step or a save hangs) it exits with status 1 and a one-line message, never 0 or the preempted code.
     """
 
     def __init__(self):
         self.requested = False
+        self.deadline: Optional[float] = None
         self._previous = None
+        self._watchdog: Optional[threading.Timer] = None
         self.multi_process = jax.process_count() > 1
         if not self.multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        if self.requested:
+            log.warning("SIGTERM received again: still stopping (at most %.0f s more)", self.remaining())
+            return
+        timeout = stop_timeout_s()
+        log.warning("SIGTERM received: saving a checkpoint and stopping (within %.0f s)", timeout)
         self.requested = True
+        self.deadline = time.monotonic() + timeout
+        self._watchdog = threading.Timer(timeout, self._expire, args=(timeout,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    @staticmethod
+    def _expire(timeout: float) -> None:
+        from maskgen import cli
+        print(f"{cli.PREFIX}did not stop within {timeout:.0f} s of SIGTERM ({STOP_TIMEOUT_ENV}); exiting "
+              "without a final checkpoint (the last complete step is kept)", file=sys.stderr, flush=True)
+        cli.exit_now(cli.EXIT_FAILURE)
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left before the watchdog fires (a few kept back for exiting), None when not stopping."""
+        if self.deadline is None:
+            return None
+        return max(self.deadline - time.monotonic() - 5.0, 1.0)
 
     def should_stop(self, step: int) -> bool:
         """Called once per step by every process with the same step number."""
@@ -83,9 +125,10 @@ class StopSignal:
             raise Preempted()
 
     def uninstall(self) -> None:
-        """Puts back the SIGTERM handler that was active before this one."""
+        """Puts back the SIGTERM handler that was active before this one (the watchdog keeps running)."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _fetch(metrics) -> Dict[str, float]:
@@ -133,12 +176,13 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
         losses = [x for x in window_losses if np.isfinite(x)]
         metrics = {"loss": float(np.mean(losses))} if losses else None
         data_state = iterators.gather_states(run.data_iter.get_state())
-        run.checkpoints.save(step, state.to_tree(), data_state, metrics)
+        run.checkpoints.save(step, state.to_tree(), data_state, metrics, timeout=stop.remaining())
         last_saved, window_losses = step, []
 
     completed = True
     try:
         for step in range(start, run.num_steps):
+            run.checkpoints.poll()  # a failed async save stops training here, within a step
             batch = run.next_batch()
             state, metrics = run.step_fn(state, batch)
             if pending is not None:
@@ -165,10 +209,11 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
         if run.eval_fn is not None and completed and start < run.num_steps:
             run.last_eval = _evaluate(run, writer, state, run.num_steps)
     finally:
-        run.checkpoints.wait()
-        run.checkpoints.close()
-        progress.close()
-        writer.close()
+        try:
+            run.checkpoints.close(timeout=stop.remaining())  # bounded after SIGTERM; raises if the save failed
+        finally:
+            progress.close()
+            writer.close()
     run.state = state
     return completed
 

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import jax
 import ml_collections
@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from maskgen import config_io, paths
 from maskgen import sharding as shd
-from maskgen.training import decoder_stage, quality, tokenizer_stage, transformer_stage
+from maskgen.training import decoder_stage, preflight, quality, tokenizer_stage, transformer_stage
+from maskgen.workdir_lock import WorkdirLock
 from maskgen.training.loop import Preempted, StopSignal, run_stage
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,43 @@ def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
     return shd.make_mesh(cfg.mesh)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Runs `cfg.stages` in order in `workdir`; returns {stage: final TrainState}.
+class TrainResult(dict):
+    """{stage: final TrainState}, plus `preempted`: True when SIGTERM stopped the run (rerun to resume)."""
 
-    Stops after the current stage (returning what finished) when SIGTERM arrives.
+    preempted: bool = False
+
+
+def _lock(workdir: str):
+    """The workdir lock, held by process 0 only; every process learns whether it was taken."""
+    lock, error = None, None
+    if str(workdir).startswith("gs://"):
+        log.warning("no workdir lock on gs:// yet (the GCS lock store of maskgen.workdir_lock is to come)")
+        return None
+    if jax.process_index() == 0:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = err
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not ok and error is None:
+            raise RuntimeError(f"process 0 could not lock the workdir {workdir} (see its log)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Runs `cfg.stages` in order in `workdir`; returns a TrainResult {stage: final TrainState}.
+
+    Nothing is written before every check passed (`preflight`: settings, mesh and batch, data
+    directory, existing checkpoints against this config); then the workdir is locked (one writer)
+    and `config.json` written (the previous one kept as `config.<time>.json` when it differs).
+    Stops after the current stage (returning what finished, `preempted=True`) when SIGTERM arrives.
+    `overrides`: the config keys set on the command line, to warn about ones a stage block shadows.
     """
     builders = {"tokenizer": tokenizer_stage.build, "decoder": decoder_stage.build,
                 "transformer": transformer_stage.build}
@@ -91,12 +125,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
     if cfg.dataset.get("data_dir"):
         check_local_data_dir(cfg.dataset.data_dir)
     check_local_data_dir(str(cfg.dataset.name), "dataset.name")
-    if jax.process_index() == 0:
-        config_io.write_config(cfg, workdir)
+    stage_configs = {stage: stage_config(cfg, stage) for stage in stages}
     mesh = make_mesh(cfg)
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    preflight.preflight(cfg, workdir, mesh, stage_configs, overrides, _INHERITED)
+    lock = _lock(workdir)
+    try:
+        if jax.process_index() == 0:
+            config_io.write_config(cfg, workdir)
+        return _run_stages(cfg, workdir, mesh, stages, builders)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_stages(cfg, workdir, mesh, stages, builders) -> "TrainResult":
     stop = StopSignal()
-    results = {}
+    results = TrainResult()
     try:
         for stage in stages:
             started = time.perf_counter()
@@ -104,6 +149,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
                 run = builders[stage](cfg, stage_config(cfg, stage), workdir, mesh, stop)
             except Preempted:
                 log.warning("stopped while preparing stage %s; rerun the same command to continue", stage)
+                results.preempted = True
                 break
             completed = run_stage(run, cfg, stop)
             results[stage] = run.state
@@ -112,6 +158,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> Dict[str
             if not completed:
                 log.warning("stopped during stage %s at step %d; rerun the same command to resume",
                             stage, int(jax.device_get(run.state.step)))
+                results.preempted = True
                 break
     finally:
         stop.uninstall()
