@@ -45,7 +45,7 @@ def test_stage_config_inherits_top_level_values_unless_set():
     assert (tra.num_train_steps, tra.checkpoint_every_steps) == (7, 3)
     assert tra.label_smoothing == cfg.transformer_train.label_smoothing
     with pytest.raises(ValueError, match="unknown stage"):
-        trainer.stage_config(cfg, "decoder")
+        trainer.stage_config(cfg, "discriminator")
     cfg.checkpoint_every_steps = 0
     with pytest.raises(ValueError, match="checkpoint_every_steps must be a positive int"):
         trainer.stage_config(cfg, "transformer")
