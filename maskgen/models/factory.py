@@ -9,7 +9,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from maskgen.models import quantizers
+from maskgen.models.attention import check_attention_name
 from maskgen.models.discriminator import Discriminator
+from maskgen.models.remat import check_remat_name
 from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import TOKENIZER_CONFIG_KEYS, VQGAN, parse_dtype
@@ -58,7 +60,9 @@ def transformer_from_block(block: Mapping[str, Any], layout: TokenLayout, max_le
         num_heads=t["num_heads"], mlp_dim=t["mlp_dim"], max_len=max_len,
         dropout_rate=t["dropout_rate"],
         attention_dropout_rate=t.get("attention_dropout_rate", t["dropout_rate"]),
-        dtype=jnp.dtype(t.get("dtype", "float32")))
+        dtype=jnp.dtype(t.get("dtype", "float32")),
+        attention=check_attention_name(t.get("attention", "auto")),
+        remat=check_remat_name(t.get("remat", "none")))
 
 
 def transformer_model(cfg) -> Transformer:
