@@ -188,6 +188,12 @@ def test_splash_runs_under_shard_map_over_batch_and_heads():
     fn = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
     assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
     assert attn.splash_spec(mesh, 4, 4) == jax.sharding.PartitionSpec("data", "tensor", None, None)
+    # The same axes as maskgen.sharding's rules for the logical batch and heads axes.
+    from maskgen import axes
+    for shape, batch, heads in [((2, 2, 2), 4, 2), ((2, 4, 1), 8, 3), ((2, 4, 1), 2, 4), ((1, 2, 4), 6, 8)]:
+        m = shd.make_mesh(dict(zip(shd.MESH_AXES, shape)), jax.devices()[:8])
+        rule = shd.resolve_spec((axes.BATCH, axes.HEADS), (batch, heads), m)
+        assert tuple(attn.splash_spec(m, batch, heads))[:2] == tuple(rule), (shape, batch, heads)
     (_, out), grads = fn(*args)
     assert _rel(out, want) < 2e-5
     for name, got, ref in zip("qkv", grads, want_grads):

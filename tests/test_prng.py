@@ -73,3 +73,21 @@ def test_transformer_dropout_with_an_rbg_key():
                                       rngs={"dropout": prng.make_key(seed, impl)}))
     np.testing.assert_array_equal(run(1, "rbg"), run(1, "rbg"))
     assert not np.array_equal(run(1, "rbg"), run(1, "threefry2x32"))
+
+
+def test_training_keys_use_config_prng_impl(tmp_path):
+    from maskgen import config_io
+    from maskgen.training import rng, trainer
+    for impl in ("threefry2x32", "rbg"):
+        assert prng.key_impl_name(rng.key(3, "transformer_step", impl)) == impl
+    assert not np.array_equal(jax.random.key_data(rng.key(3, "transformer_step")),
+                              jax.random.key_data(rng.key(3, "transformer_init")))
+    cfg = config_io.load_config_file("configs/debug.py")
+    cfg.prng_impl = "unsafe_rbg"
+    mesh = trainer.make_mesh(cfg)
+    info = trainer.record_accelerator_settings(cfg, mesh, str(tmp_path))
+    assert info["prng_impl"] == "unsafe_rbg" and info["attention_train"] == "scan"  # auto on CPU
+    assert (tmp_path / trainer.ACCELERATOR_FILE).exists()
+    cfg.prng_impl = "philox"
+    with pytest.raises(ValueError, match="prng_impl='philox'"):
+        trainer.record_accelerator_settings(cfg, mesh, str(tmp_path))

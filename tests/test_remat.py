@@ -1,4 +1,5 @@
-"""transformer.remat: per-layer nn.remat keeps the parameter tree and the gradients; policies save what they say."""
+"""transformer.remat: per-layer nn.remat keeps the parameter tree and the gradients; policies save what
+they say."""
 import flax
 import jax
 import jax.numpy as jnp

@@ -124,7 +124,8 @@ def test_train_step_is_mesh_independent_with_xla_attention(debug_cfg, token_batc
     state, losses = _run_steps(_mesh(2, 2, 2), cfg, token_batch)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     assert ref_losses[1] != ref_losses[0]
-    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref_state.params))):
+    got, want = jax.device_get(state.params), jax.device_get(ref_state.params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
 
 

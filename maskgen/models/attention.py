@@ -218,6 +218,12 @@ def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL=None, keep_prob:
     if impl == "cudnn":
         return _attend_cudnn(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype)
     if impl == "splash":
+        mesh = mesh if mesh is not None else _context_mesh()
+        if platform == "tpu" and mesh is None and jax.device_count() > 1:
+            # Mosaic kernels cannot be partitioned by XLA; without a mesh there is no shard_map to run in.
+            _log_once(implementation, "xla", "splash on several TPU chips needs the mesh: pass mesh= "
+                      "or trace inside jax.set_mesh(mesh)")
+            return _attend_xla(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, None, keep_prob)
         return _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret=platform != "tpu")
     return _attend_scan(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob)
 
@@ -292,12 +298,25 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
                                   interpret=interpret)
 
 
-def splash_spec(mesh, batch: int, heads: int):
-    """shard_map PartitionSpec of [B, H, N, K] blocks: batch over the batch axes, heads over tensor."""
-    from maskgen import axes
-    from maskgen.sharding import resolve_spec
-    spec = resolve_spec((axes.BATCH, axes.HEADS), (batch, heads), mesh)
-    return jax.sharding.PartitionSpec(spec[0], spec[1], None, None)
+# Mesh axes splash's shard_map splits batch and heads over: maskgen.sharding's rules for the logical
+# batch and heads axes (models do not import the sharding module; a test checks the two agree).
+SPLASH_BATCH_AXES = ("data", "fsdp")
+SPLASH_HEAD_AXES = ("tensor",)
+
+
+def _split(mesh_shape: dict, candidates: tuple, size: int):
+    """The present (size > 1) axes of `candidates` if together they divide `size`, as the rules do."""
+    group = tuple(a for a in candidates if mesh_shape.get(a, 1) > 1)
+    if not group or size % math.prod(mesh_shape[a] for a in group):
+        return None
+    return group[0] if len(group) == 1 else group
+
+
+def splash_spec(mesh, batch: int, heads: int) -> jax.sharding.PartitionSpec:
+    """shard_map PartitionSpec of [B, H, N, K] blocks: batch over data/fsdp, heads over tensor."""
+    shape = dict(mesh.shape)
+    return jax.sharding.PartitionSpec(_split(shape, SPLASH_BATCH_AXES, batch),
+                                      _split(shape, SPLASH_HEAD_AXES, heads), None, None)
 
 
 def _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret: bool):
@@ -321,7 +340,6 @@ def _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret: bool
         kernel = _splash_kernel(q_BxHxNxK.shape[1], q_len, kv_len, interpret)
         return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_BxHxNxK, k_BxHxLxK, v_BxHxLxK, segments)
 
-    mesh = mesh if mesh is not None else _context_mesh()
     if mesh is not None and mesh.size > 1:
         # Mosaic kernels cannot be partitioned automatically: each device runs its own block.
         spec = splash_spec(mesh, batch, heads)
