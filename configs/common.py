@@ -22,6 +22,7 @@ from maskgen.sampling import SAMPLING_DEFAULTS
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 42
+    c.prng_impl = "threefry2x32"  # jax PRNG for dropout and sampling keys: threefry2x32 | rbg | unsafe_rbg | ...
     c.image_size = 256
     c.image_channels = 3
     c.num_classes = 1000
@@ -46,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.transformer = ml_collections.ConfigDict(dict(
         num_layers=24, hidden_size=768, num_heads=16, mlp_dim=3072,
-        dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32"))
+        dropout_rate=0.1, attention_dropout_rate=0.1, dtype="float32",
+        attention="auto",  # auto | scan | xla | cudnn | splash (maskgen.models.attention)
+        remat="none"))  # none | full | save_qkv_out | a jax.checkpoint_policies name (maskgen.models.remat)
 
     # One set of decoding defaults, shared with bundles that carry no sampling block.
     c.sampling = ml_collections.ConfigDict(dict(SAMPLING_DEFAULTS, temperature_end=placeholder(float)))

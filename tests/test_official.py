@@ -63,6 +63,21 @@ def test_load_transformer_infers_architecture_and_reproduces_logits(transformer,
     np.testing.assert_allclose(np.asarray(direct), logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_official_logits_with_other_attention_implementations(transformer, official_small, attention):
+    """The official checkpoint reproduces the reference logits with transformer.attention=xla / splash too."""
+    model = transformer.model.clone(attention=attention)
+    logits = np.asarray(jax.jit(model.apply)(transformer.variables, jnp.asarray(official_small["tf_input_ids"])))
+    assert _rel(logits, official_small["tf_logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("remat", ["full", "save_qkv_out"])
+def test_official_checkpoint_loads_into_a_rematerialised_model(transformer, official_small, remat):
+    model = transformer.model.clone(remat=remat)
+    logits = np.asarray(model.apply(transformer.variables, jnp.asarray(official_small["tf_input_ids"])))
+    assert _rel(logits, official_small["tf_logits"]) < 1e-5
+
+
 @pytest.mark.parametrize("layers,hidden,heads,mlp,length,vocab",
                          [(3, 32, 4, 48, 17, 30), (1, 16, 1, 64, 5, 9)])
 def test_transformer_shapes_determine_the_architecture(layers, hidden, heads, mlp, length, vocab):

@@ -206,12 +206,13 @@ def test_recap_needs_maskgen_mode():
                      DecodeConfig(official=True), LAYOUT, RecapConfig())
 
 
-@pytest.fixture(scope="module")
-def small_transformer(official_small):
+@pytest.fixture(scope="module", params=["auto", "xla"])
+def small_transformer(official_small, request):
+    """The official small checkpoint, with the default (scan on CPU) and the xla attention."""
     path = official_small["_dir"] / "checkpoints" / "maskgit_imagenet128_checkpoint"
     params = flax.serialization.from_bytes(None, path.read_bytes())["params"]
     model = Transformer(vocab_size=75, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=256,
-                        max_len=65)
+                        max_len=65, attention=request.param)
     variables = {"params": params}
     layout = TokenLayout(codebook_size=64, num_classes=10, null_class_id=9)
 

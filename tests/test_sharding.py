@@ -115,6 +115,20 @@ def test_train_step_is_mesh_independent(shape, debug_cfg, token_batch, single_de
     assert int(state.step) == 2
 
 
+def test_train_step_is_mesh_independent_with_xla_attention(debug_cfg, token_batch):
+    """transformer.attention=xla (one-shot softmax, attention dropout included) on a 2x2x2 mesh."""
+    cfg = debug_cfg.copy_and_resolve_references()
+    cfg.transformer.attention = "xla"
+    assert cfg.transformer.attention_dropout_rate > 0
+    ref_state, ref_losses = _run_steps(_mesh(1, 1, 1), cfg, token_batch)
+    state, losses = _run_steps(_mesh(2, 2, 2), cfg, token_batch)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    assert ref_losses[1] != ref_losses[0]
+    got, want = jax.device_get(state.params), jax.device_get(ref_state.params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)
+
+
 def test_params_are_sharded_as_the_rules_say(debug_cfg):
     mesh = _mesh(2, 2, 2)
     _, _, _, init = _setup(debug_cfg)

@@ -131,7 +131,7 @@ def test_two_stage_debug_run_end_to_end(tmp_path):
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2")  # FSDP over 2 devices
     result = subprocess.run(
         _train_cmd(workdir, "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.sample_every_steps=4",
-                   "--config.seed=3"),
+                   "--config.seed=3", "--config.prng_impl=rbg", "--config.transformer.attention=xla"),
         env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = config_io.read_config(workdir)
@@ -155,6 +155,12 @@ def test_two_stage_debug_run_end_to_end(tmp_path):
         assert cache["tokens"].max() < cfg.tokenizer.codebook_size
         assert json.loads(str(cache["meta"]))["tokenizer_step"] == 4
     assert "transformer step 4" in result.stderr
+    # The attention kernel, remat and PRNG are printed at start-up and kept beside the checkpoints.
+    assert "attention: transformer.attention=xla trains with xla" in result.stderr
+    with open(workdir / "accelerator.json") as f:
+        accel = json.load(f)
+    assert (accel["attention_train"], accel["attention_decode"], accel["prng_impl"]) == ("xla", "xla", "rbg")
+    assert "accelerator.json" in result.stdout and "prng rbg" in result.stdout
 
 
 def _wait_for(path, proc, timeout=300):

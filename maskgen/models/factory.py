@@ -9,7 +9,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from maskgen.models import quantizers
+from maskgen.models.attention import check_attention_name, resolve_attention
 from maskgen.models.discriminator import Discriminator
+from maskgen.models.remat import check_remat_name
 from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import TOKENIZER_CONFIG_KEYS, VQGAN, parse_dtype
@@ -58,12 +60,30 @@ def transformer_from_block(block: Mapping[str, Any], layout: TokenLayout, max_le
         num_heads=t["num_heads"], mlp_dim=t["mlp_dim"], max_len=max_len,
         dropout_rate=t["dropout_rate"],
         attention_dropout_rate=t.get("attention_dropout_rate", t["dropout_rate"]),
-        dtype=jnp.dtype(t.get("dtype", "float32")))
+        dtype=jnp.dtype(t.get("dtype", "float32")),
+        attention=check_attention_name(t.get("attention", "auto")),
+        remat=check_remat_name(t.get("remat", "none")))
 
 
 def transformer_model(cfg) -> Transformer:
     """MaskGIT transformer for the config's token layout and sequence length."""
     return transformer_from_block(cfg.transformer, token_layout(cfg), seq_len(cfg))
+
+
+def accelerator_summary(cfg, platform: str) -> dict:
+    """Which attention kernel the transformer runs on `platform` in training and in decoding, and why,
+    with the remat and PRNG settings: printed at start-up and kept in the run's workdir."""
+    t = cfg.transformer
+    dtype = jnp.dtype(t.get("dtype", "float32"))
+    head_dim = int(t["hidden_size"]) // int(t["num_heads"])
+    requested = check_attention_name(t.get("attention", "auto"))
+    dropout = float(t.get("attention_dropout_rate", t["dropout_rate"])) > 0
+    train_impl, train_why = resolve_attention(requested, dtype, head_dim, platform, dropout=dropout)
+    decode_impl, decode_why = resolve_attention(requested, dtype, head_dim, platform)
+    return {"platform": platform, "attention": requested,
+            "attention_train": train_impl, "attention_train_reason": train_why,
+            "attention_decode": decode_impl, "attention_decode_reason": decode_why,
+            "remat": check_remat_name(t.get("remat", "none")), "prng_impl": cfg.get("prng_impl", "threefry2x32")}
 
 
 def _next_pow2(n: int) -> int:

@@ -17,6 +17,10 @@ attend to keys/values cached by the previous full evaluation.
 
 Shape legend: B batch, L sequence (class token + h*w), N rows of a subset,
 D width, H heads, K head dim, F MLP width, V vocabulary, Y layers.
+
+`attention` picks the attention kernel per backend (maskgen.models.attention);
+`remat` wraps each layer in `nn.remat` under a checkpoint policy
+(maskgen.models.remat). Neither changes the parameter tree.
 """
 from typing import Any, Optional
 
@@ -27,8 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgen import axes
-from maskgen.models.attention import attend  # noqa: F401 - re-exported
+from jax.ad_checkpoint import checkpoint_name
+
+from maskgen.models.attention import attend, check_attention_name
 from maskgen.models.dropout import Dropout, keep_mask, keep_probability
+from maskgen.models.remat import check_remat_name, remat_policy
 from maskgen.tokens import OFFICIAL_MASK_ID
 
 Dtype = Any
@@ -97,6 +104,7 @@ class SelfAttention(nn.Module):
     dropout_rate: float
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "auto"
 
     def setup(self):
         self.head_dim = self.hidden_size // self.num_heads
@@ -118,7 +126,10 @@ class SelfAttention(nn.Module):
 
         Returns (output, (k, v)) where (k, v) are the full-length keys/values used.
         """
-        q, k, v = self.query(x_BxLxD), self.key(x_BxLxD), self.value(x_BxLxD)
+        # Named for the save_qkv_out remat policy (identity otherwise).
+        q = checkpoint_name(self.query(x_BxLxD), "attention_query")
+        k = checkpoint_name(self.key(x_BxLxD), "attention_key")
+        v = checkpoint_name(self.value(x_BxLxD), "attention_value")
         if kv is not None:
             k = scatter_rows(kv[0], k, positions_BxN)
             v = scatter_rows(kv[1], v, positions_BxN)
@@ -126,8 +137,8 @@ class SelfAttention(nn.Module):
         if not deterministic and self.dropout_rate > 0:
             batch, queries, heads, _ = q.shape
             keep = keep_mask(self.make_rng("dropout"), (heads, batch, queries, k.shape[1]), self.dropout_rate)
-        y = attend(q, k, v, self.dtype, keep, keep_probability(self.dropout_rate))
-        return self.out(y), (k, v)
+        y = attend(q, k, v, self.dtype, keep, keep_probability(self.dropout_rate), self.attention)
+        return checkpoint_name(self.out(y), "attention_out"), (k, v)
 
 
 class Attention(nn.Module):
@@ -138,13 +149,14 @@ class Attention(nn.Module):
     attention_dropout_rate: float
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "auto"
 
     def setup(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.self_attention = SelfAttention(
             self.hidden_size, self.num_heads, self.attention_dropout_rate,
-            self.dtype, self.param_dtype)
+            self.dtype, self.param_dtype, self.attention)
         self.dropout = Dropout(self.dropout_rate)
         self.attention_output_ln = _layer_norm("attention_output_ln", self.dtype, self.param_dtype)
 
@@ -189,11 +201,12 @@ class TransformerLayer(nn.Module):
     attention_dropout_rate: float
     dtype: Dtype
     param_dtype: Dtype
+    attention: str = "auto"
 
     def setup(self):
         self.Attention_0 = Attention(
             self.hidden_size, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-            self.dtype, self.param_dtype)
+            self.dtype, self.param_dtype, self.attention)
         self.Mlp_0 = Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype)
 
     def __call__(self, x, deterministic: bool, kv=None, positions=None):
@@ -247,14 +260,22 @@ class Transformer(nn.Module):
     attention_dropout_rate: float = 0.1
     dtype: Dtype = jnp.float32  # activations / matmuls
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # maskgen.models.attention.IMPLEMENTATIONS
+    remat: str = "none"  # maskgen.models.remat.REMAT_OPTIONS
 
     def setup(self):
+        check_attention_name(self.attention)
+        check_remat_name(self.remat)
+        layer_cls = TransformerLayer
+        if self.remat != "none":
+            # static_argnums counts self: `deterministic` (a Python bool) is argument 2.
+            layer_cls = nn.remat(TransformerLayer, policy=remat_policy(self.remat), static_argnums=(2,))
         self.Embed_0 = Embed(self.vocab_size, self.hidden_size, self.max_len, self.dropout_rate,
                              self.dtype, self.param_dtype)
         self.layers = [
-            TransformerLayer(self.hidden_size, self.num_heads, self.mlp_dim, self.dropout_rate,
-                             self.attention_dropout_rate, self.dtype, self.param_dtype,
-                             name=f"TransformerLayer_{i}")
+            layer_cls(self.hidden_size, self.num_heads, self.mlp_dim, self.dropout_rate,
+                      self.attention_dropout_rate, self.dtype, self.param_dtype, self.attention,
+                      name=f"TransformerLayer_{i}")
             for i in range(self.num_layers)]
         self.MlmLayer_0 = MlmLayer(self.hidden_size, self.vocab_size, self.dtype, self.param_dtype)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from maskgen import image_grid
+from maskgen import image_grid, prng
 from maskgen import sharding as shd
 from maskgen.models.factory import discriminator_model
 from maskgen.training import decoder_step, iterators, optimizer, rng, stage_setup
@@ -58,7 +58,7 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
     start.resume_iterator(data_iter)
     batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    key = rng.key(cfg.seed, "decoder_step")
+    key = rng.key(cfg.seed, "decoder_step", cfg.get("prng_impl", prng.DEFAULT))
     jitted = shd.jit_sharded(lambda s, b, f: step_fn(s, b, key, f), (start.shardings, batch_sh, frozen_sh),
                              (start.shardings, shd.replicated(mesh)), donate_argnums=(0,))
     fixed = {}

@@ -4,8 +4,12 @@ Every stream a run draws from has a name here, so two purposes can never share
 a salt by accident and a reader can see at a glance where randomness enters.
 The numbers are the ones the stages have always used: changing one changes
 what an existing config trains, so add new purposes instead of renumbering.
+Keys are made with `cfg.prng_impl` (maskgen.prng), so dropout masks and every
+other draw of a step use the configured generator.
 """
 import jax
+
+from maskgen import prng
 
 # jax.random.fold_in salts of the device-side keys.
 KEY_SALTS = {
@@ -26,11 +30,11 @@ DATA_SEED_OFFSETS = {
 }
 
 
-def key(seed: int, purpose: str) -> jax.Array:
-    """The device key of a named purpose."""
+def key(seed: int, purpose: str, impl: str = prng.DEFAULT) -> jax.Array:
+    """The device key of a named purpose, of PRNG implementation `impl` (config.prng_impl)."""
     if purpose not in KEY_SALTS:
         raise ValueError(f"unknown PRNG purpose {purpose!r}; known: {sorted(KEY_SALTS)}")
-    return jax.random.fold_in(jax.random.key(int(seed)), KEY_SALTS[purpose])
+    return jax.random.fold_in(prng.make_key(int(seed), impl), KEY_SALTS[purpose])
 
 
 def data_seed(seed: int, purpose: str) -> int:

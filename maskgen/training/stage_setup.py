@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 from jax.sharding import Mesh
 
 from maskgen import checkpoint as ckpt_lib
+from maskgen import prng
 from maskgen import sharding as shd
 from maskgen.training import iterators, rng, train_state
 
@@ -52,26 +53,27 @@ def restore_or_init(stage: str, cfg, workdir: str, init: Callable, mesh: Mesh, r
     checkpoints = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), keep=cfg.keep_checkpoints)
     restored = checkpoints.restore(train_state.sharded_abstract(abstract, shardings).to_tree())
     if restored is None:
-        state = train_state.materialize(init, rng.key(cfg.seed, f"{stage}_init"), shardings)
+        key = rng.key(cfg.seed, f"{stage}_init", cfg.get("prng_impl", prng.DEFAULT))
+        state = train_state.materialize(init, key, shardings)
         return StageStart(state, shardings, checkpoints, None, None)
     tree, data_state, step = restored
     log.info("%s: resumed from step %d", stage, step)
     return StageStart(train_state.TrainState.from_tree(tree), shardings, checkpoints, data_state, step)
 
 
-def with_key(step_fn: Callable, seed: int, purpose: str) -> Callable:
+def with_key(step_fn: Callable, seed: int, purpose: str, prng_impl: str = prng.DEFAULT) -> Callable:
     """step(state, batch) calling step_fn(state, batch, key) with a key made inside the program.
 
     The key is a compile-time constant, so nothing is transferred per step and
     multi-process runs need no replicated key array.
     """
     def step(state, batch):
-        return step_fn(state, batch, rng.key(seed, purpose))
+        return step_fn(state, batch, rng.key(seed, purpose, prng_impl))
     return step
 
 
 def jit_step(stage: str, step_fn: Callable, seed: int, shardings: Any, batch_shardings: Any,
-             mesh: Mesh) -> Callable:
+             mesh: Mesh, prng_impl: str = prng.DEFAULT) -> Callable:
     """The stage's step jitted over the mesh with its state donated; metrics come back replicated."""
-    return shd.jit_sharded(with_key(step_fn, seed, f"{stage}_step"), (shardings, batch_shardings),
+    return shd.jit_sharded(with_key(step_fn, seed, f"{stage}_step", prng_impl), (shardings, batch_shardings),
                            (shardings, shd.replicated(mesh)), donate_argnums=(0,))

@@ -23,7 +23,7 @@ import numpy as np
 
 from jax.sharding import Mesh
 
-from maskgen import image_grid
+from maskgen import image_grid, prng
 from maskgen import sharding as shd
 from maskgen.models import quantizers
 from maskgen.models.factory import discriminator_model, tokenizer_model
@@ -134,7 +134,8 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
         fixed.setdefault("images", batch["image"])  # never donated: the step donates only the state
         return batch
 
-    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh)
+    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh,
+                                  cfg.get("prng_impl", prng.DEFAULT))
     return StageRun(
         name=STAGE, directory=os.path.join(workdir, STAGE), state=state, step_fn=jitted,
         next_batch=next_batch, data_iter=data_iter, checkpoints=start.checkpoints, num_steps=num_steps,

@@ -22,8 +22,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from maskgen import config_io, paths
+from maskgen import config_io, paths, prng
 from maskgen import sharding as shd
+from maskgen.models.factory import accelerator_summary
 from maskgen.training import decoder_stage, preflight, quality, tokenizer_stage, transformer_stage
 from maskgen.workdir_lock import WorkdirLock
 from maskgen.training.loop import Preempted, StopSignal, run_stage
@@ -62,11 +63,32 @@ def summary(workdir: str) -> str:
                      + ("; samples/ grids" if "samples" in names else ""))
     if paths.is_dir(os.path.join(workdir, "token_cache")):
         lines.append("  token_cache/         the pre-tokenised training split")
+    accel = paths.join(workdir, ACCELERATOR_FILE)
+    if paths.exists(accel):
+        a = json.loads(paths.read_bytes(accel))
+        lines.append(f"  {ACCELERATOR_FILE:<20} attention {a['attention_train']} (training), "
+                     f"{a['attention_decode']} (decoding) on {a['platform']}; remat {a['remat']}; "
+                     f"prng {a['prng_impl']}")
     report = os.path.join(workdir, "quality.json")
     if paths.exists(report):
         lines.append(f"  quality.json         {quality.format_report(json.loads(paths.read_bytes(report)))}")
     lines.append(f"sample with: python sample.py --workdir={workdir} --out={os.path.join(workdir, 'samples')}")
     return "\n".join(lines)
+
+
+ACCELERATOR_FILE = "accelerator.json"
+
+
+def record_accelerator_settings(cfg: ml_collections.ConfigDict, mesh: Mesh, workdir: str) -> Dict[str, Any]:
+    """Logs the attention kernel (training / decoding), remat and PRNG of this run; writes accelerator.json."""
+    prng.check_prng_impl(cfg.get("prng_impl", prng.DEFAULT))
+    info = accelerator_summary(cfg, mesh.devices.flat[0].platform)
+    log.info("attention: transformer.attention=%s trains with %s (%s), decodes with %s (%s); remat=%s, "
+             "prng_impl=%s", info["attention"], info["attention_train"], info["attention_train_reason"],
+             info["attention_decode"], info["attention_decode_reason"], info["remat"], info["prng_impl"])
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(workdir, ACCELERATOR_FILE), json.dumps(info, indent=1))
+    return info
 
 
 def make_mesh(cfg: ml_collections.ConfigDict) -> Mesh:
@@ -133,6 +155,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
     try:
         if jax.process_index() == 0:
             config_io.write_config(cfg, workdir)
+        record_accelerator_settings(cfg, mesh, workdir)
         return _run_stages(cfg, workdir, mesh, stages, builders)
     finally:
         if lock is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maskgen import checkpoint as ckpt_lib
-from maskgen import image_grid, paths
+from maskgen import image_grid, paths, prng
 from maskgen import sharding as shd
 from maskgen.bundle import Bundle
 from maskgen.models.factory import tokenizer_model, transformer_model
@@ -117,7 +117,8 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
         return tokenizer.apply({"params": tparams}, tokens, method=tokenizer.decode_from_indices)
 
     def sample(state, step):
-        images = generate(state.ema_params, tok_params, ids, jax.random.key(cfg.seed))
+        images = generate(state.ema_params, tok_params, ids,
+                          prng.make_key(cfg.seed, cfg.get("prng_impl", prng.DEFAULT)))
         return image_grid.float_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
     return sample
 
@@ -166,7 +167,8 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
         return {"tokens": tokens, "label": shd.global_batch({"label": local["label"]}, mesh)["label"]}
 
     batch_sh = {"tokens": shd.batch_sharding(mesh, 2), "label": shd.batch_sharding(mesh, 1)}
-    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh)
+    jitted = stage_setup.jit_step(STAGE, step_fn, int(cfg.seed), start.shardings, batch_sh, mesh,
+                                  cfg.get("prng_impl", prng.DEFAULT))
     sample_fn: Optional[object] = None
     eval_fn: Optional[object] = None
     if tokenizer is not None:
