@@ -10,6 +10,7 @@ Flags are checked before the model loads: a bad value exits 2 with one line nami
 errors exit 1 with one line (`--verbose` or MASKGEN_VERBOSE=1 adds the traceback).
 """
 import os
+from typing import Sequence
 
 from absl import flags
 
@@ -55,7 +56,7 @@ def sampling_overrides() -> dict:
     return out
 
 
-def parse_classes(text, num_classes: int):
+def parse_classes(text: str | None, num_classes: int):
     if text is None:
         return list(range(num_classes))
     try:
@@ -89,7 +90,7 @@ def check_recap(sampling: dict) -> None:
                          f"(--steps or the config's sampling.steps: {steps}); it must be <= {steps}")
 
 
-def main(argv):
+def main(argv: Sequence[str]):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()

@@ -17,6 +17,7 @@ Errors are one line on stderr (`--verbose` or MASKGEN_VERBOSE=1 adds the traceba
 import logging
 import os
 import sys
+from typing import Sequence
 
 from absl import logging as absl_logging
 from absl import flags
@@ -29,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         from maskgen import cli
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")

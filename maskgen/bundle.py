@@ -59,7 +59,7 @@ def _split_path(path: str):
     return path, None
 
 
-def _config(workdir: str, config) -> ml_collections.ConfigDict:
+def _config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if isinstance(config, ml_collections.ConfigDict):
         return config
     if config is not None:
@@ -69,14 +69,14 @@ def _config(workdir: str, config) -> ml_collections.ConfigDict:
     return config_io.read_config(workdir)
 
 
-def _abstract_params(module, example, device):
+def _abstract_params(module: nn.Module, example: Any, device):
     boxed = jax.eval_shape(lambda k: module.init(k, example)["params"], jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         nn.meta.unbox(boxed))
 
 
-def _restore_ema(stage_dir: str, abstract, step: Optional[int]):
+def _restore_ema(stage_dir: str, abstract: Any, step: Optional[int]):
     """EMA params (or plain params when the checkpoint has none) of `step` / the latest step."""
     if not paths.is_dir(stage_dir):
         raise ValueError(f"missing checkpoint directory {stage_dir}")
@@ -93,7 +93,7 @@ def _restore_ema(stage_dir: str, abstract, step: Optional[int]):
     return tree[key], got
 
 
-def load(path: Union[str, os.PathLike], config=None, device=None) -> Bundle:
+def load(path: Union[str, os.PathLike], config: ml_collections.ConfigDict | None = None, device=None) -> Bundle:
     """Loads a Bundle from a workdir or checkpoint directory (see module docstring)."""
     workdir, transformer_step = _split_path(path)
     cfg = _config(workdir, config)

@@ -30,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Never
 
 import jax
 import orbax.checkpoint as ocp
@@ -100,7 +100,7 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def _flat_shapes(tree) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+def _flat_shapes(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path_str(p): (tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", "")))
             for p, x in flat}
@@ -111,7 +111,7 @@ def _short(err, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def check_compatible(saved_tree, target_tree, where: str = "checkpoint") -> None:
+def check_compatible(saved_tree: Any, target_tree: Any, where: str = "checkpoint") -> None:
     """Raises CheckpointMismatchError naming the first path whose presence or shape differs."""
     saved, target = _flat_shapes(saved_tree), _flat_shapes(target_tree)
     for path in sorted(target, key=lambda p: (not p.startswith("params/"), p)):
@@ -183,7 +183,7 @@ class StageCheckpoints:
         self._pending = int(step) if started else None
         return started
 
-    def _fail(self, step: int, err: BaseException):
+    def _fail(self, step: int, err: BaseException) -> Never:
         self.failed, self._pending = True, None
         intact = [s for s in self._finalized_steps() if s != step]
         survivors = (f"earlier steps {intact} are intact" if intact else "no earlier step exists")
@@ -216,7 +216,7 @@ class StageCheckpoints:
         timeout = save_timeout_s() if timeout is None else timeout
         outcome: Dict[str, BaseException] = {}
 
-        def target():
+        def target() -> None:
             try:
                 self.manager.wait_until_finished()
             except BaseException as err:  # noqa: BLE001 - re-raised on the main thread
@@ -252,7 +252,7 @@ class StageCheckpoints:
             raise ValueError(f"step {step} in {self.directory} has no readable state metadata")
         return getattr(meta, "tree", meta)
 
-    def _quarantine(self, step: int):
+    def _quarantine(self, step: int) -> None:
         src = paths.join(self.directory, str(step))
         dst = paths.join(self.directory, f"corrupt.{step}.{int(time.time())}")
         if jax.process_index() == 0 and paths.is_dir(src):
@@ -266,7 +266,7 @@ class StageCheckpoints:
             log.error("moved unreadable checkpoint %s aside to %s", src, dst)
         self.manager.reload()
 
-    def restore(self, target_tree, step: Optional[int] = None):
+    def restore(self, target_tree: Any, step: Optional[int] = None):
         """(state tree, data state, step) of the newest readable step, or None when there is none.
 
         `target_tree` holds `jax.ShapeDtypeStruct`s with shardings (any mesh):

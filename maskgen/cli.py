@@ -142,7 +142,7 @@ def quiet_library_errors() -> None:
     # through sys.excepthook / unraisablehook, dozens of times: the same failure, already reported by us.
     previous = sys.excepthook
 
-    def hook(kind, value, tb):
+    def hook(kind: str, value, tb) -> None:
         if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
             return
         previous(kind, value, tb)
@@ -150,7 +150,7 @@ def quiet_library_errors() -> None:
     sys.excepthook = hook
     previous_unraisable = sys.unraisablehook
 
-    def unraisable(info):
+    def unraisable(info) -> None:
         if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
             return
         previous_unraisable(info)
@@ -191,7 +191,7 @@ def run_absl(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
     """`absl.app.run(main)` with maskgen's exit codes and one-line user errors."""
     from absl import app
 
-    def wrapped(argv):
+    def wrapped(argv: Sequence[str]):
         try:
             code = main(argv)
         except app.UsageError as err:

@@ -107,7 +107,7 @@ def _config_dirs() -> list[str]:
     return [os.path.join(os.getcwd(), "configs"), os.path.join(_REPO, "configs")]
 
 
-def resolve_config(config) -> ml_collections.ConfigDict:
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A maskgen config from a ConfigDict, a config file path, or a name in configs/ ('imagenet256')."""
     if isinstance(config, ml_collections.ConfigDict):
         return config

@@ -14,10 +14,12 @@ entries hold the official weights, so `maskgen.load`, `sample.py`, the editing
 API and a transformer stage with `tokenizer_workdir=OUT` all read it).
 Converting both kinds into the same OUT gives a complete, loadable workdir.
 """
+from typing import Sequence
 import argparse
 import os
 import sys
 
+import ml_collections
 import jax
 import jax.numpy as jnp
 
@@ -30,7 +32,7 @@ from maskgen.models.sizes import seq_len
 
 KINDS = ("tokenizer", "transformer")
 CONVERTED_STEP = 0
-def build_model(kind: str, cfg):
+def build_model(kind: str, cfg: ml_collections.ConfigDict):
     """The maskgen module the config builds for `kind`."""
     if kind == "tokenizer":
         return factory.tokenizer_model(cfg)
@@ -39,13 +41,13 @@ def build_model(kind: str, cfg):
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def _example_input(kind: str, cfg):
+def _example_input(kind: str, cfg: ml_collections.ConfigDict):
     if kind == "tokenizer":
         return jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.image_channels), jnp.float32)
     return jnp.zeros((1, seq_len(cfg)), jnp.int32)
 
 
-def check_against_config(params: dict, kind: str, cfg, what: str) -> None:
+def check_against_config(params: dict, kind: str, cfg: ml_collections.ConfigDict, what: str) -> None:
     """Raises ValueError naming the first tensor that does not fit the config's model."""
     official.check_kind(params, kind, what)
     model = build_model(kind, cfg)
@@ -59,7 +61,7 @@ def check_against_config(params: dict, kind: str, cfg, what: str) -> None:
         raise
 
 
-def _write_config(cfg, out_dir: str) -> None:
+def _write_config(cfg: ml_collections.ConfigDict, out_dir: str) -> None:
     """Writes OUT/config.json, or checks that an existing one holds the same config."""
     path = os.path.join(out_dir, "config.json")
     if paths.is_file(path):
@@ -70,7 +72,7 @@ def _write_config(cfg, out_dir: str) -> None:
     config_io.write_config(cfg, out_dir)
 
 
-def convert(official_path, kind: str, config, out_dir) -> str:
+def convert(official_path, kind: str, config: ml_collections.ConfigDict, out_dir) -> str:
     """Checks and writes one official checkpoint into `out_dir`; returns the stage directory."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -96,7 +98,7 @@ def convert(official_path, kind: str, config, out_dir) -> str:
     return stage_dir
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m maskgen.convert", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

@@ -32,7 +32,7 @@ _DECODE_FLAGS = {"schedule": "schedule", "choice_temperature": "choice_temperatu
                  "order": "order", "guidance_schedule": "guidance_schedule"}
 
 
-def add_edit_flags(flag_values=flags.FLAGS) -> None:
+def add_edit_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the editing flags (once; `--out` and `--seed` only where nobody has)."""
     if "edit" in flag_values:
         return
@@ -59,11 +59,11 @@ def add_edit_flags(flag_values=flags.FLAGS) -> None:
         flags.DEFINE_integer("seed", 0, "editing seed", **fv)
 
 
-def _value(flag_values, name, default=None):
+def _value(flag_values: flags.FlagValues, name: str, default=None):
     return flag_values[name].value if name in flag_values else default
 
 
-def parse_ints(text, count: int, name: str):
+def parse_ints(text: str, count: int, name: str):
     """'a,b,...' -> tuple of `count` ints, or ValueError naming the flag."""
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -112,7 +112,7 @@ def load_mask(path) -> np.ndarray:
     raise ValueError(f"--mask must be a .png or .npy file, got {path}")
 
 
-def _region(flag_values, mode: str):
+def _region(flag_values: flags.FlagValues, mode: str):
     mask_path, box = _value(flag_values, "mask"), _value(flag_values, "box")
     if mode == "outpaint":
         if mask_path or box:
@@ -126,7 +126,7 @@ def _region(flag_values, mode: str):
     return region
 
 
-def _decoding_kwargs(flag_values) -> dict:
+def _decoding_kwargs(flag_values: flags.FlagValues) -> dict:
     """Keyword arguments for the editing API from sample.py's decoding flags."""
     kwargs = {}
     for name, field in _DECODE_FLAGS.items():
@@ -149,7 +149,7 @@ def _decoding_kwargs(flag_values) -> dict:
     return kwargs
 
 
-def check_out(flag_values=flags.FLAGS) -> None:
+def check_out(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Refuses an --out that is an existing file before the model loads (it must be a directory)."""
     out = _value(flag_values, "out")
     if out and os.path.exists(out) and not os.path.isdir(out):
@@ -157,7 +157,7 @@ def check_out(flag_values=flags.FLAGS) -> None:
                          "before_after.png and edit.npz)")
 
 
-def _out_dir(flag_values) -> str:
+def _out_dir(flag_values: flags.FlagValues) -> str:
     out = _value(flag_values, "out")
     if out:
         return out
@@ -195,12 +195,12 @@ def before_after(image: np.ndarray, result: editing.EditResult, factor: int) -> 
     return make_grid(np.stack(panels), rows=1)
 
 
-def run_edit(bundle, flag_values=flags.FLAGS) -> None:
+def run_edit(bundle, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """sample.py's entry: runs the edit and writes the files (returns None, a clean exit status)."""
     edit_from_flags(bundle, flag_values)
 
 
-def edit_from_flags(bundle, flag_values=flags.FLAGS) -> dict:
+def edit_from_flags(bundle, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     """Runs the edit the flags describe, writes before_after.png and edit.npz.
 
     Returns {"png": path, "npz": path, "result": EditResult}.

@@ -27,7 +27,8 @@ fails fast with a ValueError naming the problem.
 """
 import dataclasses
 import functools
-from typing import Optional, Tuple
+import ml_collections
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -67,12 +68,12 @@ class EditResult:
     def keys(self):
         return [f.name for f in dataclasses.fields(self)]
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str):
         if name not in self.keys():
             raise KeyError(name)
         return getattr(self, name)
 
-    def __contains__(self, name):
+    def __contains__(self, name: str):
         return name in self.keys()
 
 
@@ -86,7 +87,7 @@ class _Convention:
     squeeze: bool
 
 
-def _read_image(image, channels: int):
+def _read_image(image: jax.Array, channels: int):
     """Image -> (float64 [H, W, C] in [0, 1], convention)."""
     if isinstance(image, Image.Image):
         mode = "L" if channels == 1 else "RGB"
@@ -139,7 +140,7 @@ def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.Resampling.BOX)) > 0
 
 
-def _size_error(size, model_size) -> ValueError:
+def _size_error(size: int, model_size) -> ValueError:
     return ValueError(f"image is {size[0]}x{size[1]} pixels, the model works at {model_size[0]}x"
                       f"{model_size[1]}: resize it first or pass resize=True "
                       "(--resize with sample.py --edit)")
@@ -148,17 +149,18 @@ def _size_error(size, model_size) -> ValueError:
 # ----------------------------------------------------------------------------- model calls
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(tokenizer, params, images):
+def _encode(tokenizer: Any, params: Any, images: jax.Array):
     return tokenizer.apply({"params": params}, images, method="encode_to_indices")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _render(tokenizer, params, tokens):
+def _render(tokenizer: Any, params: Any, tokens: jax.Array):
     images = tokenizer.apply({"params": params}, tokens, method="decode_from_indices")
     return jnp.clip(images, 0.0, 1.0)
 
 
-def _decode_sequence(params, ids, key, transformer, layout, config, recap):
+def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout,
+                     config: ml_collections.ConfigDict, recap):
     """ids [1, L] with unknown = mask id -> decoded ids [1, L]."""
     variables = {"params": params}
     n = layout.codebook_size
@@ -172,7 +174,8 @@ def _decode_sequence(params, ids, key, transformer, layout, config, recap):
 
 
 @functools.partial(jax.jit, static_argnames=("transformer", "layout", "config", "recap"))
-def _decode_windows(params, canvas, origins, keys, class_token, *, transformer, layout, config,
+def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys, class_token: jax.Array, *,
+                    transformer: Any, layout, config: ml_collections.ConfigDict,
                     recap):
     """Decodes the unknown tokens of canvas [Hc, Wc] window by window (one XLA loop).
 
@@ -182,7 +185,7 @@ def _decode_windows(params, canvas, origins, keys, class_token, *, transformer, 
     """
     window = config.grid_shape
 
-    def body(i, canvas):
+    def body(i: int, canvas: jax.Array):
         corner = (origins[i, 0], origins[i, 1])
         tokens = jax.lax.dynamic_slice(canvas, corner, window)
         ids = jnp.concatenate([class_token[None], tokens.reshape(-1)])[None]
@@ -194,7 +197,7 @@ def _decode_windows(params, canvas, origins, keys, class_token, *, transformer, 
 
 # ----------------------------------------------------------------------------- options
 
-def _sampling_block(model) -> dict:
+def _sampling_block(model: Any) -> dict:
     config = getattr(model, "config", None)
     if config is not None and "sampling" in config:
         return sampling_block(config["sampling"])
@@ -207,7 +210,8 @@ def _int_option(value, name: str) -> int:
     return int(value)
 
 
-def decoding_options(model, steps=None, start_step=None, guidance=None, recap=None,
+def decoding_options(model: Any, steps: int | None = None, start_step: int | None = None, guidance=None,
+                     recap=None,
                      decode_config: Optional[DecodeConfig] = None, **options):
     """(DecodeConfig, RecapConfig or None) for an edit: the model's `sampling` block + overrides.
 
@@ -258,7 +262,7 @@ def _class_token(layout, class_id) -> int:
     return class_id + layout.codebook_size
 
 
-def _keys(seed, count: int):
+def _keys(seed: int, count: int):
     """`count` window keys: the seed's key itself for one window, fold_in(key, i) for several."""
     key = as_key_array(seed)
     if key.ndim != 0:
@@ -268,7 +272,8 @@ def _keys(seed, count: int):
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(count))
 
 
-def _run(model, canvas, origins, seed, class_token, config, recap):
+def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: jax.Array,
+         config: ml_collections.ConfigDict, recap):
     layout = model.layout
     tokens = _decode_windows(
         model.params["transformer"], jnp.asarray(canvas, jnp.int32), jnp.asarray(origins, jnp.int32),
@@ -277,19 +282,20 @@ def _run(model, canvas, origins, seed, class_token, config, recap):
     return np.asarray(tokens, np.int32)
 
 
-def _tokenise(model, pixels):
+def _tokenise(model: Any, pixels: jax.Array):
     ids = _encode(model.tokenizer, model.params["tokenizer"], jnp.asarray(pixels[None], jnp.float32))
     return np.asarray(ids[0], np.int32)
 
 
-def _pixels_of(model, tokens):
+def _pixels_of(model: Any, tokens: jax.Array):
     images = _render(model.tokenizer, model.params["tokenizer"], jnp.asarray(tokens[None], jnp.int32))
     return np.asarray(images[0], np.float64)
 
 
 # ----------------------------------------------------------------------------- edits
 
-def inpaint(model, image, mask, class_id=None, seed=0, steps=None, start_step=None, guidance=None,
+def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id=None, seed: int = 0, steps: int | None = None,
+            start_step: int | None = None, guidance=None,
             recap=None, paste_back: bool = True, feather: Optional[int] = None, dilation: int = 1,
             resize: bool = False, decode_config: Optional[DecodeConfig] = None,
             **decode_options) -> EditResult:
@@ -345,7 +351,8 @@ def inpaint(model, image, mask, class_id=None, seed=0, steps=None, start_step=No
                       tokens_after=after, token_mask=regenerate, class_id=class_id)
 
 
-def edit_class(model, image, box, class_id, seed=0, steps=None, start_step=None,
+def edit_class(model: Any, image: jax.Array, box: Any, class_id, seed: int = 0, steps: int | None = None,
+               start_step: int | None = None,
                **kwargs) -> EditResult:
     """Re-generates the region `box` (or a pixel mask) as class `class_id`.
 
@@ -387,8 +394,11 @@ def _to_tokens(value, factor: int, unit: str, name: str):
     return out[0] if scalar else tuple(out)
 
 
-def outpaint(model, image, class_id=None, direction=None, amount=None, canvas=None, offset=None,
-             unit: str = "pixels", seed=0, steps=None, start_step=None, guidance=None, recap=None,
+def outpaint(model: Any, image: jax.Array, class_id=None, direction: str | None = None,
+             amount: float | None = None,
+             canvas: jax.Array | None = None, offset: int | None = None,
+             unit: str = "pixels", seed: int = 0, steps: int | None = None, start_step: int | None = None,
+             guidance=None, recap=None,
              overlap=None, paste_back: bool = True, feather: Optional[int] = None,
              resize: bool = False, decode_config: Optional[DecodeConfig] = None,
              **decode_options) -> EditResult:

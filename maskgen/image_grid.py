@@ -7,7 +7,7 @@ from PIL import Image
 from maskgen import paths
 
 
-def make_grid(images, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+def make_grid(images: np.ndarray, rows: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     """uint8 images [N, H, W, C] -> one uint8 image with `rows` rows, filled row by row."""
     images = np.asarray(images)
     if images.ndim == 3:
@@ -49,7 +49,7 @@ def atomic_write(path, write) -> None:
     paths.atomic_write(path, write)
 
 
-def save_png(image, path, scale: int = 1) -> None:
+def save_png(image: np.ndarray, path, scale: int = 1) -> None:
     """Writes a uint8 [H, W, C] (C = 1 or 3) image, optionally enlarged by pixel repetition."""
     image = np.asarray(image)
     if scale > 1:

@@ -7,7 +7,7 @@ does not change with the batch size used to produce it.
 """
 import dataclasses
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
                        cheap_steps=values["recap_cheap_per_full"])
 
 
-def to_uint8(images):
+def to_uint8(images: jax.Array):
     return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
@@ -91,7 +91,7 @@ class Sampler:
     def __post_init__(self):
         self._jitted = jax.jit(self._run)
 
-    def _logit_fns(self, params):
+    def _logit_fns(self, params: Any):
         model, n = self.bundle.transformer, self.bundle.layout.codebook_size
         variables = {"params": params["transformer"]}
         full = lambda ids: model.apply(variables, ids, num_logits=n, method="forward_with_kv")  # noqa: E731
@@ -100,7 +100,7 @@ class Sampler:
         plain = lambda ids: model.apply(variables, ids, num_logits=n)  # noqa: E731
         return plain, full, cheap
 
-    def _run(self, params, ids, keys):
+    def _run(self, params: Any, ids: jax.Array, keys):
         plain, full, cheap = self._logit_fns(params)
         layout = self.bundle.layout
         if self.recap is None:
@@ -113,11 +113,11 @@ class Sampler:
             {"params": params["tokenizer"]}, tokens, method="decode_from_indices")
         return tokens, to_uint8(images)
 
-    def decode_ids(self, ids, keys):
+    def decode_ids(self, ids: jax.Array, keys):
         """ids [B, L] (class token at 0, unknown = mask id) -> (tokens [B,h,w], uint8 images)."""
         return self._jitted(self.bundle.params, jnp.asarray(ids, jnp.int32), keys)
 
-    def generate(self, labels, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+    def generate(self, labels: jax.Array, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
         """Samples one image per label. Returns images uint8 [N,H,W,C], labels [N], tokens [N,h,w].
 
         Every batch is padded to `batch_size` so one program serves all batches.

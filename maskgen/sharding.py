@@ -155,19 +155,19 @@ def resolve_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: M
     return PartitionSpec(*assigned)
 
 
-def _is_spec(x) -> bool:
+def _is_spec(x: jax.Array) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def logical_specs(boxed_tree) -> Any:
+def logical_specs(boxed_tree: Any) -> Any:
     """Logical PartitionSpecs of a tree holding flax `LogicallyPartitioned` boxes (P() elsewhere)."""
     return nn.get_partition_spec(boxed_tree)
 
 
-def tree_shardings(logical_tree, abstract_tree, mesh: Mesh,
+def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
                    rules: Mapping[str, Sequence[Any]] = RULES) -> Any:
     """NamedShardings for `abstract_tree` (unboxed shapes) from matching logical specs."""
-    def one(spec, leaf):
+    def one(spec, leaf: jax.Array):
         return NamedSharding(mesh, resolve_spec(tuple(spec), leaf.shape, mesh, rules))
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=_is_spec)
 
@@ -181,7 +181,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def batch_shardings(mesh: Mesh, batch) -> Any:
+def batch_shardings(mesh: Mesh, batch: Any) -> Any:
     return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
 
 
@@ -190,13 +190,13 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def global_batch(local_batch, mesh: Mesh) -> Any:
+def global_batch(local_batch: int, mesh: Mesh) -> Any:
     """Assembles each process's slice into global arrays sharded over the batch axes.
 
     Every process passes its own `local_batch` (leading dimension = global batch /
     process count); with one process this is a plain sharded device_put.
     """
-    def one(x):
+    def one(x: jax.Array):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
@@ -204,7 +204,7 @@ def global_batch(local_batch, mesh: Mesh) -> Any:
     return jax.tree.map(one, local_batch)
 
 
-def describe(tree_of_shardings) -> Dict[str, str]:
+def describe(tree_of_shardings: Any) -> Dict[str, str]:
     """'path' -> PartitionSpec string, for logs and tests."""
     flat, _ = jax.tree_util.tree_flatten_with_path(
         tree_of_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -245,7 +245,7 @@ def activation_spec(logical: Sequence[Optional[str]], shape: Sequence[int]) -> O
     return pin.spec(logical, shape) if isinstance(pin, _Pin) else None
 
 
-def mesh_of(shardings) -> Optional[Mesh]:
+def mesh_of(shardings: Any) -> Optional[Mesh]:
     """The mesh of the first NamedSharding in a tree (None if there is none)."""
     for leaf in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
         if isinstance(leaf, NamedSharding):
@@ -253,7 +253,7 @@ def mesh_of(shardings) -> Optional[Mesh]:
     return None
 
 
-def jit_sharded(fn: Callable, in_shardings, out_shardings, donate_argnums=(),
+def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums=(),
                 activation_rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES):
     """`jax.jit` with explicit in/out shardings (and donation) and live activation constraints.
 
@@ -271,7 +271,7 @@ def jit_sharded(fn: Callable, in_shardings, out_shardings, donate_argnums=(),
                    donate_argnums=donate_argnums)
 
 
-def local_rows(global_array) -> np.ndarray:
+def local_rows(global_array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded array, in order (inverse of `global_batch`)."""
     shards = {}
     for shard in global_array.addressable_shards:

@@ -12,7 +12,7 @@ and sum them freely. Discriminator outputs ("logits") are one number per image,
   * `perceptual_loss` with any feature function (LPIPS weights are not shipped);
   * `entropy_loss` on codebook affinities, used by the quantiser.
 """
-from typing import Callable, Sequence, Tuple, Union
+from typing import Any, Callable, Sequence, Tuple, Union
 
 import flax
 import jax
@@ -22,19 +22,19 @@ GAN_LOSS_KINDS = ("non_saturating", "hinge")
 RECONSTRUCTION_KINDS = ("l1", "l2")
 
 
-def _f32(x):
+def _f32(x: jax.Array):
     return jnp.asarray(x, jnp.float32)
 
 
-def l1_loss(target, prediction):
+def l1_loss(target: jax.Array, prediction: jax.Array):
     return jnp.mean(jnp.abs(_f32(target) - _f32(prediction)))
 
 
-def l2_loss(target, prediction):
+def l2_loss(target: jax.Array, prediction: jax.Array):
     return jnp.mean(jnp.square(_f32(target) - _f32(prediction)))
 
 
-def reconstruction_loss(target, prediction, kind: str = "l1"):
+def reconstruction_loss(target: jax.Array, prediction: jax.Array, kind: str = "l1"):
     if kind == "l1":
         return l1_loss(target, prediction)
     if kind == "l2":
@@ -43,12 +43,12 @@ def reconstruction_loss(target, prediction, kind: str = "l1"):
         f"reconstruction loss kind must be one of {RECONSTRUCTION_KINDS}, got {kind!r}")
 
 
-def _check_gan_kind(kind):
+def _check_gan_kind(kind: str) -> None:
     if kind not in GAN_LOSS_KINDS:
         raise ValueError(f"GAN loss kind must be one of {GAN_LOSS_KINDS}, got {kind!r}")
 
 
-def generator_loss(fake_logits, kind: str = "non_saturating"):
+def generator_loss(fake_logits: jax.Array, kind: str = "non_saturating"):
     """Generator's adversarial loss: non-saturating -log sigmoid(D(fake)), or hinge -D(fake)."""
     _check_gan_kind(kind)
     fake = _f32(fake_logits)
@@ -57,7 +57,7 @@ def generator_loss(fake_logits, kind: str = "non_saturating"):
     return jnp.mean(jax.nn.softplus(-fake))
 
 
-def discriminator_loss(real_logits, fake_logits, kind: str = "non_saturating"):
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str = "non_saturating"):
     """Discriminator loss: logistic (softplus(-real) + softplus(fake)) or hinge."""
     _check_gan_kind(kind)
     real, fake = _f32(real_logits), _f32(fake_logits)
@@ -66,7 +66,7 @@ def discriminator_loss(real_logits, fake_logits, kind: str = "non_saturating"):
     return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(fake))
 
 
-def r1_penalty(apply_fn: Callable, params, real_images) -> Tuple[jax.Array, jax.Array]:
+def r1_penalty(apply_fn: Callable, params: Any, real_images: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """R1 = mean over images of |d D(x) / d x|^2, plus the logits D(x) for reuse.
 
     `apply_fn(params, images) -> logits` must treat images independently (no batch
@@ -90,7 +90,7 @@ class LeCamEMA:
         return cls(real=jnp.zeros((), jnp.float32), fake=jnp.zeros((), jnp.float32))
 
 
-def lecam_loss(real_logits, fake_logits, ema: LeCamEMA,
+def lecam_loss(real_logits: jax.Array, fake_logits: jax.Array, ema: LeCamEMA,
                decay: float = 0.999) -> Tuple[jax.Array, LeCamEMA]:
     """LeCam regulariser (Tseng et al. 2021) -> (loss, updated EMA).
 
@@ -108,11 +108,11 @@ def lecam_loss(real_logits, fake_logits, ema: LeCamEMA,
     return loss, new_ema
 
 
-def _global_norm(tree):
+def _global_norm(tree: Any):
     return jnp.sqrt(sum(jnp.sum(jnp.square(_f32(x))) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def adaptive_gan_weight(reconstruction_grads, gan_grads, eps: float = 1e-4,
+def adaptive_gan_weight(reconstruction_grads: Any, gan_grads: Any, eps: float = 1e-4,
                         max_weight: float = 1e4):
     """VQGAN's balance |g_rec| / (|g_gan| + eps), clipped to [0, max_weight], no gradient.
 
@@ -127,7 +127,7 @@ def adaptive_gan_weight(reconstruction_grads, gan_grads, eps: float = 1e-4,
 FeatureFn = Callable[[jax.Array], Union[jax.Array, Sequence[jax.Array]]]
 
 
-def perceptual_loss(features_fn: FeatureFn, target, prediction, normalize: bool = True):
+def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.Array, normalize: bool = True):
     """Feature-space distance: sum over layers of mean_{b,h,w} sum_c (f(x) - f(y))^2.
 
     `features_fn(images)` returns one [B,...,C] array or a sequence of them. With
@@ -148,7 +148,7 @@ def perceptual_loss(features_fn: FeatureFn, target, prediction, normalize: bool 
     return total
 
 
-def entropy_loss(affinity_NxK, temperature: float = 0.01):
+def entropy_loss(affinity_NxK: jax.Array, temperature: float = 0.01):
     """Codebook-usage loss: mean per-sample entropy minus entropy of the mean assignment.
 
     Low when each vector picks one code confidently (low per-sample entropy) and

@@ -107,7 +107,7 @@ def _context_mesh():
     return None if abstract.empty else abstract
 
 
-def _mesh_platform(mesh) -> str | None:
+def _mesh_platform(mesh: jax.sharding.Mesh) -> str | None:
     devices = getattr(mesh, "devices", None)
     if devices is not None and devices.size:
         return devices.flat[0].platform
@@ -115,7 +115,7 @@ def _mesh_platform(mesh) -> str | None:
     return None if device is None else device.platform
 
 
-def current_platform(mesh=None) -> str:
+def current_platform(mesh: jax.sharding.Mesh | None = None) -> str:
     """Platform attention is traced for: export block, else the mesh's devices, else the default backend.
 
     Why the mesh: a CPU host compiling for TPU topology devices has
@@ -143,7 +143,7 @@ def _gpu_head_dim_limit() -> int:
     return 256 if tuple(int(x) for x in str(cc).split(".")[:2]) >= (9, 0) else 128
 
 
-def _why_not(impl: str, dtype, head_dim: int, platform: str, dropout: bool) -> str | None:
+def _why_not(impl: str, dtype: jax.typing.DTypeLike, head_dim: int, platform: str, dropout: bool) -> str | None:
     """Why `impl` cannot run this call (None: it can)."""
     if impl in ("cudnn", "splash") and dropout:
         return (f"{impl} has no attention dropout drawn from config.prng_impl; training with "
@@ -159,7 +159,7 @@ def _why_not(impl: str, dtype, head_dim: int, platform: str, dropout: bool) -> s
     return None
 
 
-def resolve_attention(name: str, dtype, head_dim: int, platform: str | None = None,
+def resolve_attention(name: str, dtype: jax.typing.DTypeLike, head_dim: int, platform: str | None = None,
                       dropout: bool = False) -> tuple[str, str]:
     """(implementation that runs, why) for `transformer.attention=name`.
 
@@ -192,11 +192,12 @@ def _log_once(requested: str, impl: str, reason: str) -> None:
     _logged.add((requested, impl, reason))
     fell_back = requested not in ("auto", impl)
     level = logging.WARNING if fell_back or "interpret" in reason else logging.INFO
-    logger.log(level, "attention: transformer.attention=%s runs %s (%s)", requested, impl, reason)
+    logger.log(level, "attention: transformer.attention = %s runs %s (%s)", requested, impl, reason)
 
 
-def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL=None, keep_prob: float = 1.0,
-           implementation: str = "scan", mesh=None):
+def attend(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
+           keep_HxBxNxL: jax.Array | None = None, keep_prob: float = 1.0,
+           implementation: str = "scan", mesh: jax.sharding.Mesh | None = None):
     """Softmax attention of N queries over L keys (no mask: fully bidirectional).
 
     `keep_HxBxNxL` (bool, heads first so each scan step reads a contiguous
@@ -221,14 +222,15 @@ def attend(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL=None, keep_prob:
         mesh = mesh if mesh is not None else _context_mesh()
         if platform == "tpu" and mesh is None and jax.device_count() > 1:
             # Mosaic kernels cannot be partitioned by XLA; without a mesh there is no shard_map to run in.
-            _log_once(implementation, "xla", "splash on several TPU chips needs the mesh: pass mesh= "
+            _log_once(implementation, "xla", "splash on several TPU chips needs the mesh: pass mesh =  "
                       "or trace inside jax.set_mesh(mesh)")
             return _attend_xla(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, None, keep_prob)
         return _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret=platform != "tpu")
     return _attend_scan(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob)
 
 
-def _attend_scan(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob):
+def _attend_scan(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
+                 keep_HxBxNxL: jax.Array | None, keep_prob: float):
     """Today's CPU kernel: per-head lax.scan with the flash-style custom VJP."""
     scale = jnp.asarray(1.0 / np.sqrt(q_BxNxHxK.shape[-1]), q_BxNxHxK.dtype)
     q_HxBxNxK, k_HxBxLxK, v_HxBxLxK = (
@@ -238,7 +240,8 @@ def _attend_scan(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob
     return jnp.moveaxis(out_HxBxNxK, 0, 2)
 
 
-def _attend_xla(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob):
+def _attend_xla(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
+                keep_HxBxNxL: jax.Array | None, keep_prob: float):
     """jax.nn.dot_product_attention on XLA; with dropout the same one-shot softmax, masked."""
     if keep_HxBxNxL is None:
         return jax.nn.dot_product_attention(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, implementation="xla").astype(dtype)
@@ -250,11 +253,11 @@ def _attend_xla(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, keep_HxBxNxL, keep_prob)
     return out.astype(dtype)
 
 
-def _pad_axis1(x, size):
+def _pad_axis1(x: jax.Array, size: int):
     return x if x.shape[1] == size else jnp.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _attend_cudnn(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype):
+def _attend_cudnn(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike):
     """cuDNN flash attention; odd lengths are padded to even under cuDNN's padding mask.
 
     Why pad: jax's cuDNN backward rule rejects odd query or key lengths
@@ -312,14 +315,15 @@ def _split(mesh_shape: dict, candidates: tuple, size: int):
     return group[0] if len(group) == 1 else group
 
 
-def splash_spec(mesh, batch: int, heads: int) -> jax.sharding.PartitionSpec:
+def splash_spec(mesh: jax.sharding.Mesh, batch: int, heads: int) -> jax.sharding.PartitionSpec:
     """shard_map PartitionSpec of [B, H, N, K] blocks: batch over data/fsdp, heads over tensor."""
     shape = dict(mesh.shape)
     return jax.sharding.PartitionSpec(_split(shape, SPLASH_BATCH_AXES, batch),
                                       _split(shape, SPLASH_HEAD_AXES, heads), None, None)
 
 
-def _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret: bool):
+def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
+                   mesh: jax.sharding.Mesh, interpret: bool):
     """Splash attention: pad to multiples of 128, pad keys in segment 1, shard_map over the mesh.
 
     Pad queries stay in segment 0 (they see the real keys), so no row of the
@@ -336,7 +340,7 @@ def _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret: bool
     segments = SegmentIds(q=jnp.zeros((q_len,), jnp.int32),
                           kv=(jnp.arange(kv_len) >= keys).astype(jnp.int32))
 
-    def local(q_BxHxNxK, k_BxHxLxK, v_BxHxLxK):
+    def local(q_BxHxNxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array):
         kernel = _splash_kernel(q_BxHxNxK.shape[1], q_len, kv_len, interpret)
         return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_BxHxNxK, k_BxHxLxK, v_BxHxLxK, segments)
 
@@ -348,7 +352,8 @@ def _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret: bool
     return jnp.swapaxes(out_BxHxNxK[:, :, :queries], 1, 2).astype(dtype)
 
 
-def _head_forward(dtype, keep_prob, q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL):
+def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Array, k_BxLxK: jax.Array,
+                  v_BxLxK: jax.Array, keep_BxNxL: jax.Array):
     """One head: (output [B, N, K] in `dtype`, log-sum-exp [B, N, 1] in float32)."""
     logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
@@ -359,29 +364,32 @@ def _head_forward(dtype, keep_prob, q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL):
     return out.astype(dtype), top + jnp.log(total)
 
 
-def _scan_heads(dtype, keep_prob, q, k, v, keep):
-    def body(_, head):
+def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
+                keep: jax.Array):
+    def body(_, head: jax.Array):
         return None, _head_forward(dtype, keep_prob, *head)
     xs = (q, k, v, keep)
     return lax.scan(body, None, xs)[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attend_heads(dtype, keep_prob, q_HxBxNxK, k_HxBxLxK, v_HxBxLxK, keep_HxBxNxL):
+def _attend_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q_HxBxNxK: jax.Array, k_HxBxLxK: jax.Array,
+                  v_HxBxLxK: jax.Array, keep_HxBxNxL: jax.Array):
     return _scan_heads(dtype, keep_prob, q_HxBxNxK, k_HxBxLxK, v_HxBxLxK, keep_HxBxNxL)[0]
 
 
-def _attend_heads_fwd(dtype, keep_prob, q, k, v, keep):
+def _attend_heads_fwd(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
+                      keep: jax.Array):
     out, lse = _scan_heads(dtype, keep_prob, q, k, v, keep)
     return out, (q, k, v, keep, out, lse)
 
 
-def _attend_heads_bwd(dtype, keep_prob, residuals, g_HxBxNxK):
+def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: jax.Array, g_HxBxNxK: jax.Array):
     q, k, v, keep, out, lse = residuals
     # sum_l dP * P per query equals sum_k dOut * Out (Out is P @ V).
     delta_HxBxNx1 = jnp.sum(g_HxBxNxK.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
 
-    def one_head(_, head):
+    def one_head(_, head: jax.Array):
         q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL, lse_BxNx1, g_BxNxK, delta_BxNx1 = head
         logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
         probs = jnp.exp(logits - lse_BxNx1)

@@ -81,7 +81,7 @@ class Conv(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x_BxHxWxC):
+    def __call__(self, x_BxHxWxC: jax.Array):
         kh, kw = self.kernel_size
         kernel = self.param(
             "kernel",
@@ -98,7 +98,7 @@ class Conv(nn.Module):
         return y
 
 
-def group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype, name=None) -> nn.GroupNorm:
+def group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
     """GroupNorm with eps 1e-6 (the official tokenizer's) and logically named parameters."""
     return nn.GroupNorm(
         num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name,

@@ -28,7 +28,7 @@ Dtype = Any
 _init = nn.initializers.xavier_uniform()
 
 
-def _leaky_relu(x):
+def _leaky_relu(x: jax.Array):
     return jax.nn.leaky_relu(x, negative_slope=0.2)
 
 
@@ -49,7 +49,7 @@ class DiscriminatorBlock(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BxHxWxC):
+    def __call__(self, x_BxHxWxC: jax.Array):
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init)
         down = blur_down if self.blur_resample else avg_pool_down
@@ -81,7 +81,7 @@ class Discriminator(nn.Module):
             sizes.append(-(-sizes[-1] // 2))
         return tuple(sizes)
 
-    def _check(self, images):
+    def _check(self, images: jax.Array) -> None:
         check_conv_impl(self.conv_impl)
         if self.image_size < 8:
             raise ValueError(f"discriminator image_size must be >= 8, got {self.image_size}")
@@ -93,7 +93,7 @@ class Discriminator(nn.Module):
             raise ValueError(f"discriminator images must be floating point, got {images.dtype}")
 
     @nn.compact
-    def __call__(self, images_BxHxWxC):
+    def __call__(self, images_BxHxWxC: jax.Array):
         self._check(images_BxHxWxC)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init)

@@ -4,6 +4,7 @@ Model files take explicit keyword arguments only; everything that reads a
 `ConfigDict` to build a module lives here, so a new config key has one home.
 """
 from collections.abc import Mapping
+import ml_collections
 from typing import Any
 
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ def tokenizer_from_block(block: Mapping[str, Any]) -> VQGAN:
     return model
 
 
-def tokenizer_model(cfg) -> VQGAN:
+def tokenizer_model(cfg: ml_collections.ConfigDict) -> VQGAN:
     """VQGAN from `cfg.tokenizer` (+ the top-level image_channels)."""
     return tokenizer_from_block(dict(cfg.tokenizer.to_dict(), image_channels=cfg.image_channels))
 
@@ -65,12 +66,12 @@ def transformer_from_block(block: Mapping[str, Any], layout: TokenLayout, max_le
         remat=check_remat_name(t.get("remat", "none")))
 
 
-def transformer_model(cfg) -> Transformer:
+def transformer_model(cfg: ml_collections.ConfigDict) -> Transformer:
     """MaskGIT transformer for the config's token layout and sequence length."""
     return transformer_from_block(cfg.transformer, token_layout(cfg), seq_len(cfg))
 
 
-def accelerator_summary(cfg, platform: str) -> dict:
+def accelerator_summary(cfg: ml_collections.ConfigDict, platform: str) -> dict:
     """Which attention kernel the transformer runs on `platform` in training and in decoding, and why,
     with the remat and PRNG settings: printed at start-up and kept in the run's workdir."""
     t = cfg.transformer
@@ -90,7 +91,7 @@ def _next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
 
-def discriminator_model(cfg) -> Discriminator:
+def discriminator_model(cfg: ml_collections.ConfigDict) -> Discriminator:
     """Discriminator from `cfg.discriminator`.
 
     Module fields (channel_base, max_channels, blur_resample, conv_impl) pass

@@ -98,16 +98,16 @@ def usage_stats(counts: ArrayLike) -> Dict[str, jax.Array]:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _l2_normalize(x, eps: float = 1e-6):
+def _l2_normalize(x: jax.Array, eps: float = 1e-6):
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
-def _straight_through(z, q):
+def _straight_through(z: jax.Array, q: jax.Array):
     """Forward value q, gradient of the identity to z."""
     return z + jax.lax.stop_gradient(q - z)
 
 
-def _dense(features: int, param_dtype, name: str) -> nn.Dense:
+def _dense(features: int, param_dtype: jax.typing.DTypeLike, name: str) -> nn.Dense:
     return nn.Dense(
         features, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
@@ -129,7 +129,8 @@ def _zero():
     return jnp.zeros((), jnp.float32)
 
 
-def _aux(ids, raw, latent, codebook_loss, commitment_loss, entropy_loss):
+def _aux(ids: jax.Array, raw: Any, latent: jax.Array, codebook_loss: float, commitment_loss: float,
+         entropy_loss: float):
     return dict(encoding_indices=ids, raw=raw, latent=latent, codebook_loss=codebook_loss,
                 commitment_loss=commitment_loss, entropy_loss=entropy_loss,
                 quantizer_loss=codebook_loss + commitment_loss + entropy_loss)
@@ -147,7 +148,7 @@ class VectorQuantizer(nn.Module):
     lookup_dim: int = 0  # > 0: factorised, l2-normalised lookup in this many dimensions
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         code_dim = self.lookup_dim or self.embedding_dim
         self.codebook = self.param(
             "codebook",
@@ -177,7 +178,7 @@ class VectorQuantizer(nn.Module):
         """Squared distances [N,K] between search vectors and codes, float32."""
         return squared_distances(z_NxD, self.codes())
 
-    def __call__(self, z_BxhxwxD) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    def __call__(self, z_BxhxwxD: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         raw = z_BxhxwxD.astype(jnp.float32)
         z = self.search_vectors(raw)
         dist_NxK = self.distances(z.reshape(-1, z.shape[-1]))
@@ -220,7 +221,7 @@ def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.A
     d2 = jnp.where(jnp.any(live), jnp.min(jnp.where(live[None], squared_distances(x, old), jnp.inf), 1),
                    jnp.inf)
 
-    def seed(k, carry):
+    def seed(k: jax.Array, carry: Any):
         centres, d2 = carry
         finite = jnp.isfinite(d2)
         weights = jnp.where(finite, jnp.maximum(d2, 0.0), 1.0)
@@ -232,7 +233,7 @@ def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.A
 
     centres, _ = jax.lax.fori_loop(0, num_codes, seed, (old, d2))
 
-    def lloyd(_, centres):
+    def lloyd(_, centres: jax.Array):
         assign = jnp.argmin(squared_distances(x, centres), axis=-1)
         sums = jax.ops.segment_sum(x, assign, num_segments=num_codes)
         counts = jax.ops.segment_sum(jnp.ones(x.shape[0], jnp.float32), assign, num_segments=num_codes)
@@ -282,7 +283,7 @@ def fsq_bound(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return jnp.tanh(z + shift) * half_l - offset
 
 
-def _fsq_half_width(levels):
+def _fsq_half_width(levels: int):
     return jnp.asarray([v // 2 for v in levels], jnp.float32)
 
 
@@ -292,7 +293,7 @@ def fsq_quantize(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return _straight_through(bounded, jnp.round(bounded)) / _fsq_half_width(levels)
 
 
-def _fsq_basis(levels):
+def _fsq_basis(levels: int):
     basis = [1]
     for v in levels[:-1]:
         basis.append(basis[-1] * v)
@@ -313,15 +314,15 @@ def fsq_ids_to_codes(ids: ArrayLike, levels: Sequence[int]) -> jax.Array:
 class _Projected(nn.Module):
     """Shared projection D -> dim -> D for quantizers without a codebook (none when equal)."""
 
-    def _setup_projections(self, dim: int):
+    def _setup_projections(self, dim: int) -> None:
         if dim != self.embedding_dim:
             self.project_in = _dense(dim, self.param_dtype, "project_in")
             self.project_out = _dense(self.embedding_dim, self.param_dtype, "project_out")
 
-    def _in(self, z, dim):
+    def _in(self, z: jax.Array, dim: int):
         return z if dim == self.embedding_dim else self.project_in(z).astype(jnp.float32)
 
-    def _out(self, q, dim):
+    def _out(self, q: jax.Array, dim: int):
         return q if dim == self.embedding_dim else self.project_out(q).astype(jnp.float32)
 
 
@@ -331,7 +332,7 @@ class FiniteScalarQuantizer(_Projected):
     embedding_dim: int
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         check_fsq_levels(self.levels)
         self._setup_projections(len(self.levels))
 
@@ -339,7 +340,7 @@ class FiniteScalarQuantizer(_Projected):
     def num_codes(self) -> int:
         return math.prod(self.levels)
 
-    def __call__(self, z_BxhxwxD) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    def __call__(self, z_BxhxwxD: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         raw = z_BxhxwxD.astype(jnp.float32)
         latent = self._in(raw, len(self.levels))
         codes = fsq_quantize(latent, self.levels)
@@ -388,7 +389,7 @@ class LookupFreeQuantizer(_Projected):
     normalize: bool = False
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         check_lfq_bits(self.bits)
         self._setup_projections(self.bits)
 
@@ -400,7 +401,7 @@ class LookupFreeQuantizer(_Projected):
         """float32 [2**bits, bits]: code i is `lfq_ids_to_codes(i)`."""
         return lfq_ids_to_codes(jnp.arange(self.num_codes), self.bits, self.normalize)
 
-    def __call__(self, z_BxhxwxD) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    def __call__(self, z_BxhxwxD: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
         raw = z_BxhxwxD.astype(jnp.float32)
         codes, latent = lfq_quantize(self._in(raw, self.bits), self.normalize)
         q = jax.lax.stop_gradient(codes)

@@ -47,14 +47,14 @@ def _param(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-def _layer_norm(name, dtype, param_dtype):
+def _layer_norm(name: str, dtype: jax.typing.DTypeLike, param_dtype: jax.typing.DTypeLike):
     return nn.LayerNorm(
         epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=_param(nn.initializers.ones, (axes.NORM,)),
         bias_init=_param(nn.initializers.zeros, (axes.NORM,)))
 
 
-def _gelu(x):
+def _gelu(x: jax.Array):
     return jax.nn.gelu(x, approximate=True)  # tanh form, as the official model
 
 
@@ -74,7 +74,7 @@ class Embed(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
 
-    def setup(self):
+    def setup(self) -> None:
         self.word_embeddings = nn.Embed(
             self.vocab_size, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=_param(_init, (axes.VOCAB, axes.EMBED)))
@@ -84,7 +84,7 @@ class Embed(nn.Module):
         self.embeddings_ln = _layer_norm("embeddings_ln", self.dtype, self.param_dtype)
         self.dropout = Dropout(self.dropout_rate)
 
-    def __call__(self, ids_BxL, positions_BxL, deterministic: bool):
+    def __call__(self, ids_BxL: jax.Array, positions_BxL: jax.Array, deterministic: bool):
         x = self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
         return self.dropout(self.embeddings_ln(x), deterministic=deterministic)
 
@@ -92,7 +92,7 @@ class Embed(nn.Module):
         return self.word_embeddings.embedding
 
 
-def scatter_rows(cache_BxLxHxK, rows_BxNxHxK, positions_BxN):
+def scatter_rows(cache_BxLxHxK: jax.Array, rows_BxNxHxK: jax.Array, positions_BxN: jax.Array):
     """Writes each example's fresh rows over its cached rows at `positions` (static shapes)."""
     return jax.vmap(lambda c, r, p: c.at[p].set(r.astype(c.dtype)))(cache_BxLxHxK, rows_BxNxHxK, positions_BxN)
 
@@ -106,10 +106,10 @@ class SelfAttention(nn.Module):
     param_dtype: Dtype
     attention: str = "auto"
 
-    def setup(self):
+    def setup(self) -> None:
         self.head_dim = self.hidden_size // self.num_heads
 
-        def proj(name):
+        def proj(name: str):
             return nn.DenseGeneral(
                 (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                 kernel_init=_param(_init, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
@@ -121,7 +121,8 @@ class SelfAttention(nn.Module):
             kernel_init=_param(_init, (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
             bias_init=_param(nn.initializers.zeros, (axes.EMBED,)))
 
-    def __call__(self, x_BxLxD, deterministic: bool, kv=None, positions_BxN=None):
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool, kv: jax.Array | None = None,
+                 positions_BxN: jax.Array | None = None):
         """Full attention, or (given `kv` and `positions`) rows x attending over the cache.
 
         Returns (output, (k, v)) where (k, v) are the full-length keys/values used.
@@ -151,7 +152,7 @@ class Attention(nn.Module):
     param_dtype: Dtype
     attention: str = "auto"
 
-    def setup(self):
+    def setup(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.self_attention = SelfAttention(
@@ -160,7 +161,8 @@ class Attention(nn.Module):
         self.dropout = Dropout(self.dropout_rate)
         self.attention_output_ln = _layer_norm("attention_output_ln", self.dtype, self.param_dtype)
 
-    def __call__(self, x, deterministic: bool, kv=None, positions=None):
+    def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
+                 positions: jax.Array | None = None):
         a, new_kv = self.self_attention(x, deterministic, kv, positions)
         a = self.dropout(a, deterministic=deterministic)
         return self.attention_output_ln(a + x), new_kv
@@ -174,7 +176,7 @@ class Mlp(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
 
-    def setup(self):
+    def setup(self) -> None:
         self.intermediate_output = nn.Dense(
             self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_param(_init, (axes.EMBED, axes.MLP)),
@@ -186,7 +188,7 @@ class Mlp(nn.Module):
         self.dropout = Dropout(self.dropout_rate)
         self.layer_output_ln = _layer_norm("layer_output_ln", self.dtype, self.param_dtype)
 
-    def __call__(self, x, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool):
         h = axes.constrain(_gelu(self.intermediate_output(x)), (axes.BATCH, axes.LENGTH, axes.MLP))
         h = self.layer_output(h)
         h = self.dropout(h, deterministic=deterministic)
@@ -203,13 +205,14 @@ class TransformerLayer(nn.Module):
     param_dtype: Dtype
     attention: str = "auto"
 
-    def setup(self):
+    def setup(self) -> None:
         self.Attention_0 = Attention(
             self.hidden_size, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
             self.dtype, self.param_dtype, self.attention)
         self.Mlp_0 = Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype)
 
-    def __call__(self, x, deterministic: bool, kv=None, positions=None):
+    def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
+                 positions: jax.Array | None = None):
         x, new_kv = self.Attention_0(x, deterministic, kv, positions)
         x = self.Mlp_0(x, deterministic)
         return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_kv
@@ -221,7 +224,7 @@ class Bias(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array):
         b = self.param("bias", _param(nn.initializers.zeros, (axes.VOCAB,)), (self.size,), self.param_dtype)
         return x + b[: x.shape[-1]].astype(x.dtype)
 
@@ -233,7 +236,7 @@ class MlmLayer(nn.Module):
     dtype: Dtype
     param_dtype: Dtype
 
-    def setup(self):
+    def setup(self) -> None:
         self.mlm_dense = nn.Dense(
             self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=_param(_init, (axes.EMBED, axes.MLP)),  # square; MLP names its output side
@@ -241,7 +244,7 @@ class MlmLayer(nn.Module):
         self.mlm_ln = _layer_norm("mlm_ln", self.dtype, self.param_dtype)
         self.mlm_bias = Bias(self.vocab_size, self.param_dtype)
 
-    def __call__(self, x, word_table_VxD, num_logits: Optional[int]):
+    def __call__(self, x: jax.Array, word_table_VxD: jax.Array, num_logits: Optional[int]):
         h = self.mlm_ln(_gelu(self.mlm_dense(x)))
         table = word_table_VxD if num_logits is None else word_table_VxD[:num_logits]
         logits = jnp.einsum("bnd,vd->bnv", h, table.astype(self.dtype))
@@ -263,7 +266,7 @@ class Transformer(nn.Module):
     attention: str = "auto"  # maskgen.models.attention.IMPLEMENTATIONS
     remat: str = "none"  # maskgen.models.remat.REMAT_OPTIONS
 
-    def setup(self):
+    def setup(self) -> None:
         check_attention_name(self.attention)
         check_remat_name(self.remat)
         layer_cls = TransformerLayer
@@ -283,11 +286,12 @@ class Transformer(nn.Module):
     def mask_id(self) -> int:
         return self.vocab_size - 1
 
-    def _canonical(self, ids):
+    def _canonical(self, ids: jax.Array):
         ids = jnp.asarray(ids, jnp.int32)
         return jnp.where(ids == OFFICIAL_MASK_ID, self.mask_id, ids)
 
-    def _run(self, ids, positions, deterministic, num_logits, kv: Optional[KVCache] = None):
+    def _run(self, ids: jax.Array, positions: jax.Array, deterministic: bool, num_logits: int,
+             kv: Optional[KVCache] = None):
         x = self.Embed_0(self._canonical(ids), positions, deterministic)
         x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         ks, vs = [], []
@@ -299,17 +303,17 @@ class Transformer(nn.Module):
         logits = self.MlmLayer_0(x, self.Embed_0.word_table(), num_logits)
         return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
 
-    def __call__(self, ids_BxL, deterministic: bool = True, num_logits: Optional[int] = None):
+    def __call__(self, ids_BxL: jax.Array, deterministic: bool = True, num_logits: Optional[int] = None):
         """Logits [B, L, V] (or only the first `num_logits` ids, e.g. the codebook)."""
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)[0]
 
-    def forward_with_kv(self, ids_BxL, deterministic: bool = True, num_logits: Optional[int] = None):
+    def forward_with_kv(self, ids_BxL: jax.Array, deterministic: bool = True, num_logits: Optional[int] = None):
         """Full evaluation that also returns every layer's keys and values (for ReCAP)."""
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)
 
-    def forward_subset(self, ids_BxN, positions_BxN, kv: KVCache, deterministic: bool = True,
+    def forward_subset(self, ids_BxN: jax.Array, positions_BxN: jax.Array, kv: KVCache, deterministic: bool = True,
                        num_logits: Optional[int] = None):
         """Cheap evaluation: recompute only the given rows, attending over the cached K/V.
 
@@ -320,7 +324,7 @@ class Transformer(nn.Module):
         return self._run(ids_BxN, positions_BxN, deterministic, num_logits, kv)[0]
 
 
-def check_input_ids(ids, vocab_size: int, max_len: int):
+def check_input_ids(ids: jax.Array, vocab_size: int, max_len: int):
     """Host-side validation of transformer input ids (jitted code cannot raise)."""
     ids = np.asarray(ids)
     if ids.ndim != 2:

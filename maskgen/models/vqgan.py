@@ -54,7 +54,7 @@ class ResBlock(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BxHxWxC):
+    def __call__(self, x_BxHxWxC: jax.Array):
         conv = dict(use_bias=False, conv_impl=self.conv_impl, dtype=self.dtype,
                     param_dtype=self.param_dtype)
         h = group_norm(self.norm_groups, self.dtype, self.param_dtype)(x_BxHxWxC)
@@ -79,7 +79,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, images_BxHxWxC):
+    def __call__(self, images_BxHxWxC: jax.Array):
         block = dict(norm_groups=self.norm_groups, conv_impl=self.conv_impl, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, z_BxhxwxD):
+    def __call__(self, z_BxhxwxD: jax.Array):
         block = dict(norm_groups=self.norm_groups, conv_impl=self.conv_impl, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -125,7 +125,7 @@ class Decoder(nn.Module):
         return Conv(self.out_channels, (3, 3), **conv)(x)
 
 
-def check_images(images, channels: int, downsample_factor: int = 1,
+def check_images(images: jax.Array, channels: int, downsample_factor: int = 1,
                  image_size: Optional[int] = None):
     """Raises ValueError unless `images` is a float [B,H,W,channels] batch of a usable size.
 
@@ -152,7 +152,7 @@ def check_images(images, channels: int, downsample_factor: int = 1,
     return images
 
 
-def check_token_ids(ids, codebook_size: int):
+def check_token_ids(ids: jax.Array, codebook_size: int):
     """Host-side check that token ids are integers in [0, codebook_size); returns numpy ids."""
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
@@ -194,7 +194,7 @@ class VQGAN(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         self.check_config()
         common = dict(filters=self.filters, num_res_blocks=self.num_res_blocks,
                       channel_multipliers=tuple(self.channel_multipliers),
@@ -254,38 +254,38 @@ class VQGAN(nn.Module):
         side = image_size // self.downsample_factor
         return side, side
 
-    def _check(self, images):
+    def _check(self, images: jax.Array):
         return check_images(images, self.image_channels, self.downsample_factor, self.image_size)
 
-    def encode(self, images_BxHxWxC):
+    def encode(self, images_BxHxWxC: jax.Array):
         """Images in [0, 1] -> (straight-through quantised [B,h,w,D] float32, aux dict)."""
         z = self.encoder(self._check(images_BxHxWxC))
         return self.quantizer(z)
 
-    def encode_latents(self, images_BxHxWxC):
+    def encode_latents(self, images_BxHxWxC: jax.Array):
         """Images -> the float32 vectors the quantizer rounds or looks up [B,h,w,d] (k-means init)."""
         return self.encode(images_BxHxWxC)[1]["latent"]
 
-    def encode_to_indices(self, images_BxHxWxC):
+    def encode_to_indices(self, images_BxHxWxC: jax.Array):
         """Images -> int32 token ids [B,h,w]."""
         _, aux = self.encode(images_BxHxWxC)
         return aux["encoding_indices"]
 
-    def decode(self, quantized_BxhxwxD):
+    def decode(self, quantized_BxhxwxD: jax.Array):
         """Quantised features -> images [B,H,W,C] float32 (not clipped)."""
         if quantized_BxhxwxD.ndim != 4 or quantized_BxhxwxD.shape[-1] != self.embedding_dim:
             raise ValueError(f"decode expects [batch, h, w, {self.embedding_dim}] features, got "
                              f"shape {quantized_BxhxwxD.shape}")
         return self.decoder(quantized_BxhxwxD).astype(jnp.float32)
 
-    def decode_from_indices(self, ids_Bxhxw):
+    def decode_from_indices(self, ids_Bxhxw: jax.Array):
         """Token ids [B,h,w] -> images. Validate ids first with `check_token_ids` (host)."""
         if ids_Bxhxw.ndim != 3 or not jnp.issubdtype(ids_Bxhxw.dtype, jnp.integer):
             raise ValueError(f"token ids must be integer [batch, h, w], got shape "
                              f"{ids_Bxhxw.shape} dtype {ids_Bxhxw.dtype}")
         return self.decode(self.quantizer.lookup(ids_Bxhxw))
 
-    def __call__(self, images_BxHxWxC):
+    def __call__(self, images_BxHxWxC: jax.Array):
         """Images -> (reconstruction [B,H,W,C], aux of `encode`)."""
         quantized, aux = self.encode(images_BxHxWxC)
         return self.decode(quantized), aux
@@ -296,5 +296,5 @@ TOKENIZER_CONFIG_KEYS = ("codebook_size", "embedding_dim", "filters", "num_res_b
                          "commitment_cost", "dtype")
 
 
-def count_params(params) -> int:
+def count_params(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -11,7 +11,8 @@ from WORKDIR/decoder when it holds a checkpoint.
 import functools
 import logging
 import os
-from typing import Optional
+import ml_collections
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +30,12 @@ log = logging.getLogger(__name__)
 STAGE = "decoder"
 
 
-def _copy(tree, shardings):
+def _copy(tree: Any, shardings: Any):
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
-def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None) -> StageRun:
+def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+          stop: Optional[StopSignal] = None) -> StageRun:
     """The decoder stage's StageRun (state restored from WORKDIR/decoder when present)."""
     from maskgen.training.transformer_stage import load_tokenizer  # the one tokenizer reader
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
@@ -69,11 +71,11 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
         return batch
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def reconstruct(decoder_params, images):
+    def reconstruct(decoder_params: Any, images: jax.Array):
         images = images[:8]
         return images, vqgan.apply({"params": {**frozen, **decoder_params}}, images)[0]
 
-    def sample(state, step):
+    def sample(state: Any, step: int):
         images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
         return image_grid.float_grid(np.concatenate([images, recon]), cols=len(images))
 

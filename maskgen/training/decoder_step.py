@@ -15,7 +15,8 @@ Discriminator (own AdamW, `disc_learning_rate`): hinge or logistic loss on real 
 decoded images + lecam_weight * LeCam (EMAs in `extra`). No loss uses features of a
 network trained with labels: the discriminator only ever sees real vs decoded.
 """
-from typing import Callable
+import ml_collections
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from maskgen.models.discriminator import DiscriminatorBlock
 from maskgen.training import optimizer, train_state
 
 
-def check_train_config(tcfg) -> None:
+def check_train_config(tcfg: ml_collections.ConfigDict) -> None:
     if tcfg.gan_loss not in vq_losses.GAN_LOSS_KINDS:
         raise ValueError(f"decoder_train.gan_loss must be one of {vq_losses.GAN_LOSS_KINDS}, "
                          f"got {tcfg.gan_loss!r}")
@@ -41,11 +42,13 @@ def check_train_config(tcfg) -> None:
         raise ValueError(f"decoder_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")
 
 
-def _is_block(module, method_name) -> bool:
+def _is_block(module: Any, method_name: str) -> bool:
     return isinstance(module, DiscriminatorBlock) and method_name == "__call__"
 
 
-def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float) -> Callable:
+def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
+                    disc_tx: optax.GradientTransformation, lr_fn: Callable, tcfg: ml_collections.ConfigDict,
+                    ema_decay: float) -> Callable:
     """train_step(state, batch, key, frozen) -> (state, metrics).
 
     `frozen` is the tokenizer's parameter tree (its `decoder` entry is ignored); state.params
@@ -57,13 +60,13 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     lecam_w, disc_start, kind = float(tcfg.lecam_weight), int(tcfg.disc_start_step), tcfg.gan_loss
     use_gan = gan_w > 0 or fm_w > 0
 
-    def disc_apply(d_params, images):
+    def disc_apply(d_params: Any, images: jax.Array):
         """(logits, block features) of the discriminator."""
         logits, state = disc.apply({"params": d_params}, images, capture_intermediates=_is_block,
                                    mutable=["intermediates"])
         return logits, jax.tree.leaves(state["intermediates"])
 
-    def generator_loss(params, d_params, quantized, images, gan_on):
+    def generator_loss(params: Any, d_params: Any, quantized: jax.Array, images: jax.Array, gan_on):
         recon = vqgan.apply({"params": params}, quantized, method=vqgan.decode)
         rec = jnp.zeros((), jnp.float32)
         if l1_w:
@@ -83,7 +86,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
         metrics["loss"] = total
         return total, (metrics, recon)
 
-    def disc_loss(d_params, images, recon, lecam_ema):
+    def disc_loss(d_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: float):
         real, _ = disc_apply(d_params, images)
         fake, _ = disc_apply(d_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, kind)
@@ -94,7 +97,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             metrics["lecam_loss"] = lecam
         return loss, (metrics, lecam_ema)
 
-    def train_step(state, batch, key, frozen):
+    def train_step(state: Any, batch: Any, key: jax.Array, frozen: Any):
         del key  # deterministic
         images = batch["image"].astype(jnp.float32)
         tokenizer_params = {k: v for k, v in frozen.items() if k != "decoder"}
@@ -128,10 +131,11 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     return train_step
 
 
-def make_init(vqgan, disc, tx, disc_tx, image_shape) -> Callable:
+def make_init(vqgan: Any, disc: Any, tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
+              image_shape) -> Callable:
     """init(key) -> boxed TrainState: {"decoder": fresh decoder} (the stage loads the tokenizer's
     decoder over it), a fresh discriminator and its optimizer in `extra`."""
-    def init(key):
+    def init(key: jax.Array):
         k_gen, k_disc = jax.random.split(key)
         images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         params = {"decoder": vqgan.init(k_gen, images)["params"]["decoder"]}

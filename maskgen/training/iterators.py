@@ -18,7 +18,8 @@ that endless stream and process p its p-th contiguous part. The state is just
 the number of batches taken, so resuming is exact.
 """
 import json
-from typing import Dict, Optional
+import ml_collections
+from typing import Any, Dict, Optional
 
 import jax
 import numpy as np
@@ -75,7 +76,7 @@ class EpochSampler:
         return {"kind": "sampler", "position": int(self.position), "seed": self.seed,
                 "num_examples": self.num_examples, "global_batch": self.global_batch}
 
-    def set_state(self, state: Dict):
+    def set_state(self, state: Dict) -> None:
         if state.get("kind") != "sampler":
             raise ValueError(f"cannot resume an in-memory dataset from input state {state}")
         for key in ("num_examples", "global_batch"):
@@ -112,13 +113,14 @@ def synthetic_tokens(seed: int, index: int, num_classes: int, num_tokens: int, c
 class SyntheticImages:
     """`dataset.name == "synthetic"`: a finite set of generated images, sampled like a real split."""
 
-    def __init__(self, num_examples, global_batch, seed, num_classes, image_size, channels,
-                 random_flip=False):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, num_classes: int, image_size: int,
+                 channels: int,
+                 random_flip: bool = False):
         self.sampler = EpochSampler(num_examples, global_batch, seed)
         self.data_seed, self.num_classes = int(seed), int(num_classes)
         self.image_size, self.channels, self.random_flip = int(image_size), int(channels), random_flip
 
-    def example(self, index):
+    def example(self, index: int):
         return synthetic_image(self.data_seed, int(index), self.num_classes, self.image_size, self.channels)
 
     def __iter__(self):
@@ -136,14 +138,15 @@ class SyntheticImages:
     def get_state(self):
         return self.sampler.get_state()
 
-    def set_state(self, state):
+    def set_state(self, state: Any) -> None:
         self.sampler.set_state(state)
 
 
 class SyntheticTokens:
     """`dataset.name == "synthetic_tokens"`: token grids without any tokenizer."""
 
-    def __init__(self, num_examples, global_batch, seed, num_classes, num_tokens, codebook_size):
+    def __init__(self, num_examples: int, global_batch: int, seed: int, num_classes: int, num_tokens: int,
+                 codebook_size: int):
         self.sampler = EpochSampler(num_examples, global_batch, seed)
         self.args = (int(seed), int(num_classes), int(num_tokens), int(codebook_size))
 
@@ -159,14 +162,15 @@ class SyntheticTokens:
     def get_state(self):
         return self.sampler.get_state()
 
-    def set_state(self, state):
+    def set_state(self, state: Any) -> None:
         self.sampler.set_state(state)
 
 
 class TokenCacheReader:
     """Batches of cached tokens; with flipped tokens cached, a coin per position picks the view."""
 
-    def __init__(self, tokens, labels, global_batch, seed, tokens_flipped=None):
+    def __init__(self, tokens: jax.Array, labels: jax.Array, global_batch: int, seed: int,
+                 tokens_flipped: jax.Array | None = None):
         self.tokens, self.labels, self.tokens_flipped = tokens, labels, tokens_flipped
         # Each process caches only its own shard: it samples that shard on its own
         # (a local stream of local batches), with a seed of its own.
@@ -189,15 +193,17 @@ class TokenCacheReader:
     def get_state(self):
         return self.sampler.get_state()
 
-    def set_state(self, state):
+    def set_state(self, state: Any) -> None:
         self.sampler.set_state(state)
 
 
 class GrainImages:
     """A `maskgen.data.make_loader` iterator with a JSON-able state."""
 
-    def __init__(self, dataset_cfg, global_batch, seed, image_size, channels, num_epochs=None,
-                 shuffle=True, augment=True, drop_remainder=True, split=None):
+    def __init__(self, dataset_cfg: ml_collections.ConfigDict, global_batch: int, seed: int, image_size: int,
+                 channels: int, num_epochs: int | None = None,
+                 shuffle: bool = True, augment: bool = True, drop_remainder: bool = True,
+                 split: str | None = None):
         from maskgen import data
         self.loader = data.make_loader(
             dataset_cfg.name, split=split or dataset_cfg.train_split, data_dir=dataset_cfg.data_dir,
@@ -220,13 +226,13 @@ class GrainImages:
     def get_state(self):
         return {"kind": "grain", "state": self._it.get_state().decode()}
 
-    def set_state(self, state):
+    def set_state(self, state: Any) -> None:
         if state.get("kind") != "grain":
             raise ValueError(f"cannot resume a grain dataset from input state {state}")
         self._it.set_state(state["state"].encode())
 
 
-def image_iterator(cfg, global_batch: int, seed: int):
+def image_iterator(cfg: ml_collections.ConfigDict, global_batch: int, seed: int):
     """The training-image iterator a config asks for (synthetic or a prepared dataset)."""
     ds = cfg.dataset
     if ds.name == SYNTHETIC:

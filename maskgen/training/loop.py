@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import ml_collections
 from typing import Any, Callable, Dict, Optional
 
 import jax
@@ -87,7 +88,7 @@ class StopSignal:
         if not self.multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame) -> None:
         if self.requested:
             log.warning("SIGTERM received again: still stopping (at most %.0f s more)", self.remaining())
             return
@@ -119,7 +120,7 @@ class StopSignal:
             self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
-    def check(self):
+    def check(self) -> None:
         """Raises Preempted when a stop was requested (for set-up loops outside the train loop)."""
         if self.requested:
             raise Preempted()
@@ -131,11 +132,11 @@ class StopSignal:
             self._previous = None
 
 
-def _fetch(metrics) -> Dict[str, float]:
+def _fetch(metrics: Any) -> Dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
+def run_stage(run: StageRun, cfg: ml_collections.ConfigDict, stop: StopSignal) -> bool:
     """Trains `run` to `num_steps`; returns False when stopped early by SIGTERM."""
     writer = writers.MetricWriter(os.path.join(run.directory, "tb"))
     start = int(jax.device_get(run.state.step))
@@ -148,7 +149,7 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
     last_saved = start if start in run.checkpoints.steps() else None
     state = run.state
 
-    def record(step, metrics):
+    def record(step: int, metrics: Any) -> None:
         nonlocal t_last, steps_since
         values = _fetch(metrics)
         window_losses.append(values.get("loss", np.nan))
@@ -169,7 +170,7 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
                 log.info("%s step %d: %s", run.name, step, writers.format_metrics(values))
         progress.update(1, {k: values[k] for k in PROGRESS_KEYS if k in values})
 
-    def save(step):
+    def save(step: int) -> None:
         nonlocal last_saved, window_losses
         if last_saved == step:
             return
@@ -218,7 +219,7 @@ def run_stage(run: StageRun, cfg, stop: StopSignal) -> bool:
     return completed
 
 
-def _evaluate(run: StageRun, writer, state, step: int) -> Dict[str, Any]:
+def _evaluate(run: StageRun, writer, state: Any, step: int) -> Dict[str, Any]:
     """Runs the stage's quality evaluation; numeric results go to TensorBoard under eval/."""
     report = run.eval_fn(state, step)
     writer.scalars(step, {f"eval/{k}": v for k, v in report.items()
@@ -226,7 +227,7 @@ def _evaluate(run: StageRun, writer, state, step: int) -> Dict[str, Any]:
     return report
 
 
-def _write_samples(run: StageRun, writer, state, step: int):
+def _write_samples(run: StageRun, writer, state: Any, step: int) -> None:
     grid = run.sample_fn(state, step)
     if grid is None or jax.process_index() != 0:
         return

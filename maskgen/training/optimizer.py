@@ -7,6 +7,8 @@ warm-up followed by cosine decay to zero (or a constant rate). The EMA copy of
 the parameters is kept in the train state, not in the optax chain, so that it
 is a top-level checkpoint entry that sampling code can read on its own.
 """
+from typing import Any
+import ml_collections
 import jax
 import jax.numpy as jnp
 import optax
@@ -20,12 +22,12 @@ def lr_schedule(learning_rate: float, num_steps: int, warmup_steps: int = 0,
     if kind not in SCHEDULES:
         raise ValueError(f"unknown lr_schedule {kind!r}; expected one of {SCHEDULES}")
     if learning_rate < 0 or warmup_steps < 0 or num_steps < 1:
-        raise ValueError(f"bad schedule: learning_rate={learning_rate}, warmup_steps={warmup_steps}, "
+        raise ValueError(f"bad schedule: learning_rate = {learning_rate}, warmup_steps={warmup_steps}, "
                          f"num_steps={num_steps}")
     warmup_steps = int(warmup_steps)
     decay_steps = max(int(num_steps) - warmup_steps, 1)
 
-    def schedule(step):
+    def schedule(step: int):
         step = jnp.asarray(step, jnp.float32)
         warm = jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1)) if warmup_steps else 1.0
         progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
@@ -39,12 +41,12 @@ def lr_schedule(learning_rate: float, num_steps: int, warmup_steps: int = 0,
     return schedule
 
 
-def decay_mask(params):
+def decay_mask(params: Any):
     """True for parameters that get weight decay: arrays with two or more dimensions."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def adamw(train_cfg, num_steps: int, learning_rate=None):
+def adamw(train_cfg: ml_collections.ConfigDict, num_steps: int, learning_rate: float | None = None):
     """(optax transformation, lr schedule) for a stage's training block.
 
     Reads learning_rate, b1, b2, weight_decay, warmup_steps, lr_schedule and
@@ -62,6 +64,6 @@ def adamw(train_cfg, num_steps: int, learning_rate=None):
     return optax.chain(*parts), schedule
 
 
-def ema_update(ema_params, params, decay: float):
+def ema_update(ema_params: Any, params: Any, decay: float):
     """One exponential-moving-average step, decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)

@@ -7,10 +7,12 @@ and measures the tokenizer's reconstruction error and its code use on the real t
 split (`codebook_usage`: fraction of the quantizer's codes that some test image's
 tokens use; `codebook_perplexity`: exp entropy of their histogram).
 """
+from typing import Any
 import json
 import time
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from maskgen import paths
@@ -18,7 +20,7 @@ from maskgen import paths
 QUALITY_DATASETS = ("fashion_mnist",)
 
 
-def supports_quality(cfg) -> bool:
+def supports_quality(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.dataset.name in QUALITY_DATASETS
 
 
@@ -27,14 +29,14 @@ def _reconstruct_fn(bundle):
     tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
 
     @jax.jit
-    def run(x):
+    def run(x: np.ndarray):
         recon, _ = tok.apply(params, x)
         return jnp.round(jnp.clip(recon, 0, 1) * 255)
 
     return lambda images_uint8: np.asarray(run(jnp.asarray(images_uint8, jnp.float32) / 255.0))
 
 
-def code_usage(bundle, images_uint8, batch_size: int = 500) -> dict:
+def code_usage(bundle, images_uint8: np.ndarray, batch_size: int = 500) -> dict:
     """codebook_usage and codebook_perplexity of the tokenizer's ids over `images` (uint8 batches)."""
     import jax
     from maskgen.models import quantizers
@@ -42,7 +44,7 @@ def code_usage(bundle, images_uint8, batch_size: int = 500) -> dict:
     num_codes = tok.num_codes
 
     @jax.jit
-    def counts(x):
+    def counts(x: np.ndarray):
         ids = tok.apply(params, x, method=tok.encode_to_indices)
         return quantizers.code_counts(ids, num_codes)
 
@@ -84,7 +86,7 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
     sample_seconds = time.perf_counter() - start
     reconstruct, kept = _reconstruct_fn(bundle), []
 
-    def reconstruct_and_keep(batch):
+    def reconstruct_and_keep(batch: Any):
         kept.append(reconstruct(batch))
         return kept[-1]
 

@@ -8,6 +8,7 @@ manager and the jitted, donated step, the same way for every stage.
 import dataclasses
 import logging
 import os
+import ml_collections
 from typing import Any, Callable, Optional
 
 from jax.sharding import Mesh
@@ -43,7 +44,8 @@ class StageStart:
             data_iter.set_state(iterators.local_state(self.data_state))
 
 
-def restore_or_init(stage: str, cfg, workdir: str, init: Callable, mesh: Mesh, rules) -> StageStart:
+def restore_or_init(stage: str, cfg: ml_collections.ConfigDict, workdir: str, init: Callable, mesh: Mesh,
+                    rules) -> StageStart:
     """The stage's latest readable checkpoint in WORKDIR/<stage>, else a fresh state.
 
     `init(key) -> boxed TrainState`; a fresh state uses the key of the PRNG
@@ -67,7 +69,7 @@ def with_key(step_fn: Callable, seed: int, purpose: str, prng_impl: str = prng.D
     The key is a compile-time constant, so nothing is transferred per step and
     multi-process runs need no replicated key array.
     """
-    def step(state, batch):
+    def step(state: Any, batch: Any):
         return step_fn(state, batch, rng.key(seed, purpose, prng_impl))
     return step
 

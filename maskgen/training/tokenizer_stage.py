@@ -15,7 +15,8 @@ import functools
 import logging
 import math
 import os
-from typing import Optional
+import ml_collections
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 STAGE = "tokenizer"
 
 
-def perceptual_features(tcfg):
+def perceptual_features(tcfg: ml_collections.ConfigDict):
     """Feature function for the perceptual loss, or None when it is off."""
     if not tcfg.perceptual_weight:
         return None
@@ -46,14 +47,14 @@ def perceptual_features(tcfg):
     from maskgen.eval import inception
     model, params = inception.load_inception(tcfg.perceptual_weights)
 
-    def features(images):
+    def features(images: jax.Array):
         x = jnp.broadcast_to(images, images.shape[:3] + (3,)) * 255.0
         x = (inception.resize_bilinear_legacy(x) - 128.0) / 128.0
         return model.apply({"params": params}, x)["pool"]
     return features
 
 
-def make_reconstructor(vqgan, mesh, num: int = 8):
+def make_reconstructor(vqgan: Any, mesh: Mesh, num: int = 8):
     """(sample_fn, fixed): sample_fn(state, step) -> grid of inputs over EMA reconstructions.
 
     The inputs are the first `num` rows of the first global batch, stored in
@@ -61,19 +62,20 @@ def make_reconstructor(vqgan, mesh, num: int = 8):
     can read it (process 0 writes it).
     """
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def reconstruct(params, images):
+    def reconstruct(params: Any, images: jax.Array):
         images = images[:num]
         return images, vqgan.apply({"params": params}, images)[0]
 
     fixed = {}
 
-    def sample(state, step):
+    def sample(state: Any, step: int):
         images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
         return image_grid.float_grid(np.concatenate([images, recon]), cols=len(images))
     return sample, fixed
 
 
-def kmeans_init_state(vqgan, state: train_state.TrainState, cfg, scfg, mesh: Mesh) -> train_state.TrainState:
+def kmeans_init_state(vqgan: Any, state: train_state.TrainState, cfg: ml_collections.ConfigDict,
+                      scfg: ml_collections.ConfigDict, mesh: Mesh) -> train_state.TrainState:
     """`state` with its vq codebook (params and ema_params) from k-means on encoder outputs."""
     batch = int(scfg.batch_size)
     num_batches = int(scfg.get("vq_kmeans_batches", 4))
@@ -85,7 +87,7 @@ def kmeans_init_state(vqgan, state: train_state.TrainState, cfg, scfg, mesh: Mes
     iterations = int(scfg.get("vq_kmeans_iterations", 10))
 
     @functools.partial(jax.jit, out_shardings=(old.sharding, old.sharding))
-    def fit(params, images, key):
+    def fit(params: Any, images: jax.Array, key: jax.Array):
         latents = jnp.concatenate([vqgan.apply({"params": params}, x, method=vqgan.encode_latents)
                                    .reshape(-1, params["quantizer"]["codebook"].shape[-1]) for x in images])
         codebook = quantizers.kmeans_codebook(latents, params["quantizer"]["codebook"], key, iterations,
@@ -94,7 +96,7 @@ def kmeans_init_state(vqgan, state: train_state.TrainState, cfg, scfg, mesh: Mes
 
     codebooks = fit(state.params, images, rng.key(cfg.seed, "tokenizer_kmeans"))
 
-    def with_codebook(params, codebook):
+    def with_codebook(params: Any, codebook: jax.Array):
         return {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
     log.info("%s: vq codebook initialised by k-means on %d encoder vectors", STAGE,
              num_batches * batch * math.prod(vqgan.latent_shape(cfg.image_size)))
@@ -102,7 +104,8 @@ def kmeans_init_state(vqgan, state: train_state.TrainState, cfg, scfg, mesh: Mes
                          ema_params=with_codebook(state.ema_params, codebooks[1]))
 
 
-def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None) -> StageRun:
+def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+          stop: Optional[StopSignal] = None) -> StageRun:
     """The tokenizer stage's StageRun (state restored from WORKDIR/tokenizer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     vqgan, disc = tokenizer_model(cfg), discriminator_model(cfg)
@@ -121,7 +124,7 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
         if vqgan.quantizer_type == "vq":
             state = kmeans_init_state(vqgan, state, cfg, scfg, mesh)
         else:
-            log.info("%s: vq_init=kmeans does not apply to quantizer %s (no codebook)", STAGE,
+            log.info("%s: vq_init = kmeans does not apply to quantizer %s (no codebook)", STAGE,
                      vqgan.quantizer_type)
     data_iter = iterators.image_iterator(cfg, batch, rng.data_seed(cfg.seed, "tokenizer_data"))
     start.resume_iterator(data_iter)

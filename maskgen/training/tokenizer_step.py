@@ -18,7 +18,8 @@ usage (`vq_usage_ema_decay`, relative to uniform use, kept in `extra["code_usage
 falls below the threshold becomes a random encoder vector of this batch, so codes
 the encoder has moved away from come back into use (metric: restarted_codes).
 """
-from typing import Callable, Optional
+import ml_collections
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -34,7 +35,7 @@ REGULARIZERS = ("r1", "lecam", "none")
 VQ_INITS = ("random", "kmeans")
 
 
-def check_train_config(tcfg):
+def check_train_config(tcfg: ml_collections.ConfigDict) -> None:
     if tcfg.regularizer not in REGULARIZERS:
         raise ValueError(f"tokenizer_train.regularizer must be one of {REGULARIZERS}, "
                          f"got {tcfg.regularizer!r}")
@@ -42,7 +43,7 @@ def check_train_config(tcfg):
         raise ValueError(f"tokenizer_train.gan_loss must be one of {vq_losses.GAN_LOSS_KINDS}, "
                          f"got {tcfg.gan_loss!r}")
     if tcfg.l1_weight < 0 or tcfg.l2_weight < 0 or tcfg.l1_weight + tcfg.l2_weight == 0:
-        raise ValueError(f"need a reconstruction loss: l1_weight={tcfg.l1_weight}, "
+        raise ValueError(f"need a reconstruction loss: l1_weight = {tcfg.l1_weight}, "
                          f"l2_weight={tcfg.l2_weight}")
     if tcfg.disc_start_step < 0:
         raise ValueError(f"tokenizer_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")
@@ -56,12 +57,14 @@ def check_train_config(tcfg):
         raise ValueError(f"tokenizer_train.vq_usage_ema_decay must be in [0, 1), got {decay}")
 
 
-def restarts_dead_codes(vqgan, tcfg) -> bool:
+def restarts_dead_codes(vqgan: nn.Module, tcfg: ml_collections.ConfigDict) -> bool:
     """Dead-code restart runs for a vq tokenizer with a positive threshold (fsq / lfq have no codebook)."""
     return vqgan.quantizer_type == "vq" and float(tcfg.get("vq_restart_threshold", 0.0)) > 0
 
 
-def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: float,
+def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransformation,
+                    disc_tx: optax.GradientTransformation, lr_fn: Callable, tcfg: ml_collections.ConfigDict,
+                    ema_decay: float,
                     features_fn: Optional[Callable] = None, gate_with_cond: Optional[bool] = None):
     """train_step(state, batch, key) -> (state, metrics); state.extra holds the discriminator.
 
@@ -85,10 +88,10 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     restart_threshold = float(tcfg.get("vq_restart_threshold", 0.0))
     usage_decay = float(tcfg.get("vq_usage_ema_decay", 0.99))
 
-    def disc_apply(params, images):
+    def disc_apply(params: Any, images: jax.Array):
         return disc.apply({"params": params}, images)
 
-    def reconstruction(images, recon):
+    def reconstruction(images: jax.Array, recon: jax.Array):
         loss = 0.0
         if l1_w:
             loss += l1_w * vq_losses.l1_loss(images, recon)
@@ -96,13 +99,13 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             loss += l2_w * vq_losses.l2_loss(images, recon)
         return loss
 
-    def gan_weight(params, images, disc_params):
+    def gan_weight(params: Any, images: jax.Array, disc_params: Any):
         """Adaptive: ratio of the two losses' gradient norms at the decoder's output conv."""
         if not (use_gan and tcfg.adaptive_gan_weight):
             return jnp.asarray(gan_w, jnp.float32)
         kernel = params["decoder"][last_layer]["kernel"]
 
-        def losses(k):
+        def losses(k: jax.Array):
             p = {**params, "decoder": {**params["decoder"], last_layer: {
                 **params["decoder"][last_layer], "kernel": k}}}
             recon, _ = vqgan.apply({"params": p}, images)
@@ -113,7 +116,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
         (g_gan,) = vjp((jnp.zeros(()), jnp.ones(())))
         return gan_w * vq_losses.adaptive_gan_weight(g_rec, g_gan)
 
-    def generator_loss(params, disc_params, images, gan_on, weight):
+    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on, weight: float):
         recon, aux = vqgan.apply({"params": params}, images)
         rec = reconstruction(images, recon)
         total = rec + aux["quantizer_loss"]
@@ -132,7 +135,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
                        **quantizers.usage_stats(counts))
         return total, (metrics, (recon, counts, jax.lax.stop_gradient(aux["latent"])))
 
-    def disc_loss(disc_params, images, recon, lecam_ema):
+    def disc_loss(disc_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: float):
         real = disc_apply(disc_params, images)
         fake = disc_apply(disc_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, gan_kind)
@@ -147,7 +150,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             metrics["lecam_loss"] = lecam
         return loss, (metrics, lecam_ema)
 
-    def restart_codes(params, extra, counts, latent, key):
+    def restart_codes(params: Any, extra: Any, counts: jax.Array, latent: jax.Array, key: jax.Array):
         """Dead-code restart on the updated codebook; only dead rows change."""
         usage = quantizers.update_usage_ema(extra["code_usage"], counts, usage_decay)
         codebook, usage, dead = quantizers.restart_dead_codes(
@@ -155,7 +158,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
         params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
         return params, usage, jnp.sum(dead.astype(jnp.float32))
 
-    def train_step(state, batch, key):
+    def train_step(state: Any, batch: Any, key: jax.Array):
         key = jax.random.fold_in(key, state.step)  # only the dead-code restart draws numbers
         images = batch["image"].astype(jnp.float32)
         extra = state.extra
@@ -170,7 +173,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
             extra = dict(extra, code_usage=code_usage)
             metrics = dict(metrics, restarted_codes=restarted)
 
-        def disc_update(operand):
+        def disc_update(operand: jax.Array):
             d_params, d_opt, ema = operand
             (_, (d_metrics, new_ema)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
                 d_params, images, recon, ema)
@@ -179,7 +182,7 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
 
         operand = (extra["disc_params"], extra["disc_opt_state"], extra["lecam_ema"])
 
-        def disc_skip(operand):
+        def disc_skip(operand: jax.Array):
             shapes = jax.eval_shape(lambda o: disc_update(o)[1], operand)
             return operand, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
@@ -205,12 +208,14 @@ def make_train_step(vqgan, disc, tx, disc_tx, lr_fn: Callable, tcfg, ema_decay: 
     return train_step
 
 
-def make_init(vqgan, disc, tx, disc_tx, image_shape, tcfg=None) -> Callable:
+def make_init(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransformation,
+              disc_tx: optax.GradientTransformation, image_shape,
+              tcfg: ml_collections.ConfigDict | None = None) -> Callable:
     """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`
     (and the codes' usage EMA, starting at uniform use, when dead codes are restarted)."""
     restart = tcfg is not None and restarts_dead_codes(vqgan, tcfg)
 
-    def init(key):
+    def init(key: jax.Array):
         k_gen, k_disc = jax.random.split(key)
         images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         params = vqgan.init(k_gen, images)["params"]

@@ -39,14 +39,14 @@ class TrainState:
                    opt_state=tree["opt_state"], extra={k: v for k, v in tree.items() if k not in base})
 
 
-def new_state(params, tx, extra: Optional[Dict[str, Any]] = None) -> TrainState:
+def new_state(params: Any, tx: Any, extra: Optional[Dict[str, Any]] = None) -> TrainState:
     """A fresh state: step 0, EMA = params, optimizer state of `tx`."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=tx.init(params), extra=dict(extra or {}))
 
 
-def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh, rules=shd.RULES):
+def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, rules=shd.RULES):
     """(unboxed abstract state, NamedSharding tree) of `init_fn(key)` without computing it."""
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
     abstract = nn.meta.unbox(boxed)
@@ -54,18 +54,18 @@ def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh, rules=shd.
     return abstract, shardings
 
 
-def sharded_abstract(abstract, shardings):
+def sharded_abstract(abstract: Any, shardings: Any):
     """ShapeDtypeStructs carrying their shardings (restore targets, AOT compilation)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
 
 
-def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings):
+def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: Any):
     """Runs `init_fn(key)` under jit so every array is created directly in its shards."""
     return jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh, rules=shd.RULES):
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh, rules=shd.RULES):
     """(state, shardings, abstract): `abstract_and_shardings` then `materialize`."""
     abstract, shardings = abstract_and_shardings(init_fn, mesh, rules)
     return materialize(init_fn, key, shardings), shardings, abstract

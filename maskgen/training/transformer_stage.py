@@ -11,7 +11,8 @@ WORKDIR), latest readable step of its `tokenizer/` directory, EMA parameters onl
 import functools
 import logging
 import os
-from typing import Optional
+import ml_collections
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ STAGE = "transformer"
 ENCODE_BATCH = 512  # images per pre-tokenisation call
 
 
-def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
+def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd.RULES):
     """(tokenizer module, {"ema_params": sharded ShapeDtypeStructs}) for partial restores."""
     model = tokenizer_model(cfg)
     shape = (1, cfg.image_size, cfg.image_size, cfg.image_channels)
@@ -52,7 +53,8 @@ def tokenizer_param_target(cfg, mesh, rules=shd.RULES):
     return model, {"ema_params": train_state.sharded_abstract(abstract, shardings)}
 
 
-def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES, with_decoder_stage: bool = True):
+def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules=shd.RULES,
+                   with_decoder_stage: bool = True):
     """(tokenizer module, EMA params sharded on `mesh`, stage directory, step).
 
     With `with_decoder_stage`, the decoder comes from WORKDIR/decoder (the decoder stage) when that
@@ -78,18 +80,18 @@ def load_tokenizer(cfg, workdir: str, mesh, rules=shd.RULES, with_decoder_stage:
     return model, params, stage_dir, step
 
 
-def _encoder(tokenizer, params, mesh):
+def _encoder(tokenizer: nn.Module, params: Any, mesh: Mesh):
     """Jitted images [B,H,W,C] (batch-sharded) -> token ids [B,h,w] with fixed parameters."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
 
-    def encode(p, images):
+    def encode(p, images: jax.Array):
         return tokenizer.apply({"params": p}, images, method=tokenizer.encode_to_indices)
     jitted = jax.jit(encode, in_shardings=(param_sh, shd.batch_sharding(mesh, 4)),
                      out_shardings=shd.batch_sharding(mesh, 3))
     return lambda images: jitted(params, images)
 
 
-def decode_config(cfg, layout: TokenLayout) -> DecodeConfig:
+def decode_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) -> DecodeConfig:
     """DecodeConfig for periodic samples: `cfg.sampling` read by `sampling.decode_config_from`.
 
     Guidance needs a null class; a config without one samples unguided.
@@ -98,7 +100,8 @@ def decode_config(cfg, layout: TokenLayout) -> DecodeConfig:
     return decode_config_from(cfg.sampling, token_grid(cfg), **overrides)
 
 
-def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
+def make_sampler(cfg: ml_collections.ConfigDict, model: nn.Module, layout, tokenizer: nn.Module, tok_params: Any,
+                 mesh: Mesh, num: int = 8):
     """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params.
 
     The images come back replicated, so every host can read them (process 0 writes).
@@ -110,20 +113,21 @@ def make_sampler(cfg, model, layout, tokenizer, tok_params, mesh, num: int = 8):
     ids[:, 0] = np.asarray(layout.class_token(labels))
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def generate(params, tparams, ids, key):
-        def logits_fn(x):
+    def generate(params: Any, tparams: Any, ids: jax.Array, key: jax.Array):
+        def logits_fn(x: jax.Array):
             return model.apply({"params": params}, x, num_logits=layout.codebook_size)
         tokens = decode(logits_fn, ids, key, config, layout).tokens[:, 1:].reshape(num, h, w)
         return tokenizer.apply({"params": tparams}, tokens, method=tokenizer.decode_from_indices)
 
-    def sample(state, step):
+    def sample(state: Any, step: int):
         images = generate(state.ema_params, tok_params, ids,
                           prng.make_key(cfg.seed, cfg.get("prng_impl", prng.DEFAULT)))
         return image_grid.float_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
     return sample
 
 
-def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None) -> StageRun:
+def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh,
+          stop: Optional[StopSignal] = None) -> StageRun:
     """The transformer stage's StageRun (state restored from WORKDIR/transformer when present)."""
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     layout, length, grid = token_layout(cfg), seq_len(cfg), token_grid(cfg)
@@ -183,11 +187,12 @@ def build(cfg, scfg, workdir: str, mesh: Mesh, stop: Optional[StopSignal] = None
         tokens_per_example=length, sample_fn=sample_fn, eval_fn=eval_fn)
 
 
-def make_quality_eval(cfg, workdir, model, layout, tokenizer, tok_params, grid):
+def make_quality_eval(cfg: ml_collections.ConfigDict, workdir, model: nn.Module, layout, tokenizer: nn.Module,
+                      tok_params: Any, grid):
     """(state, step) -> quality report of the EMA transformer (Fashion-MNIST class accuracy, Fréchet)."""
     per_class = max(1, int(cfg.eval_num_samples) // layout.num_real_classes)
 
-    def evaluate(state, step):
+    def evaluate(state: Any, step: int):
         bundle = Bundle(tokenizer=tokenizer, transformer=model,
                         params={"tokenizer": tok_params, "transformer": state.ema_params}, config=cfg,
                         layout=layout, image_shape=(cfg.image_size, cfg.image_size, cfg.image_channels),

@@ -11,6 +11,7 @@ all image tokens with `loss_on_all`). Every random draw comes from
 Batch: {"tokens": int32 [B, N] codebook ids (row-major token grid),
         "label": int32 [B] class ids in [0, num_real_classes)}.
 """
+import ml_collections
 from typing import Any, Callable, Dict
 
 import jax
@@ -23,7 +24,7 @@ from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
 
 
-def mask_tokens(key, tokens_BxN, schedule: str, min_masking_rate: float, mask_id: int):
+def mask_tokens(key: jax.Array, tokens_BxN: jax.Array, schedule: str, min_masking_rate: float, mask_id: int):
     """(inputs with masked positions set to `mask_id`, bool mask [B, N])."""
     batch, n = tokens_BxN.shape
     k_ratio, k_pos = jax.random.split(key)
@@ -37,7 +38,7 @@ def mask_tokens(key, tokens_BxN, schedule: str, min_masking_rate: float, mask_id
     return jnp.where(masked, mask_id, tokens_BxN), masked
 
 
-def drop_labels(key, labels_B, rate: float, null_class_id):
+def drop_labels(key: jax.Array, labels_B: jax.Array, rate: float, null_class_id: int):
     """Replaces each label by the null class with probability `rate`."""
     if rate <= 0:
         return labels_B
@@ -45,7 +46,8 @@ def drop_labels(key, labels_B, rate: float, null_class_id):
     return jnp.where(drop, null_class_id, labels_B)
 
 
-def masked_token_loss(logits_BxNxK, targets_BxN, weights_BxN, label_smoothing: float):
+def masked_token_loss(logits_BxNxK: jax.Array, targets_BxN: jax.Array, weights_BxN: jax.Array,
+                      label_smoothing: float):
     """Weighted mean cross-entropy (smoothed one-hot targets) over the weighted positions."""
     num_classes = logits_BxNxK.shape[-1]
     target = optax.smooth_labels(jax.nn.one_hot(targets_BxN, num_classes), label_smoothing)
@@ -54,7 +56,7 @@ def masked_token_loss(logits_BxNxK, targets_BxN, weights_BxN, label_smoothing: f
     return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def check_train_config(tcfg, layout: TokenLayout):
+def check_train_config(tcfg: ml_collections.ConfigDict, layout: TokenLayout) -> None:
     """Host-side validation of the transformer training block."""
     schedules.canonical_schedule(tcfg.mask_schedule)
     if not 0.0 <= tcfg.min_masking_rate <= 1.0:
@@ -70,7 +72,8 @@ def check_train_config(tcfg, layout: TokenLayout):
         raise ValueError(f"transformer_train.label_smoothing must lie in [0, 1), got {tcfg.label_smoothing}")
 
 
-def make_train_step(model, layout: TokenLayout, tx, lr_fn: Callable, tcfg, ema_decay: float):
+def make_train_step(model: Any, layout: TokenLayout, tx: optax.GradientTransformation, lr_fn: Callable,
+                    tcfg: ml_collections.ConfigDict, ema_decay: float):
     """Returns train_step(state, batch, key) -> (state, metrics) for a Transformer module."""
     check_train_config(tcfg, layout)
     schedule, min_rate = tcfg.mask_schedule, float(tcfg.min_masking_rate)
@@ -78,7 +81,7 @@ def make_train_step(model, layout: TokenLayout, tx, lr_fn: Callable, tcfg, ema_d
     loss_on_all = bool(tcfg.loss_on_all)
     codebook = layout.codebook_size
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params: Any, batch: Any, key: jax.Array):
         k_mask, k_label, k_dropout = jax.random.split(key, 3)
         tokens = batch["tokens"].astype(jnp.int32)
         inputs, masked = mask_tokens(k_mask, tokens, schedule, min_rate, layout.mask_id)
@@ -93,7 +96,7 @@ def make_train_step(model, layout: TokenLayout, tx, lr_fn: Callable, tcfg, ema_d
         return loss, dict(loss=loss, masked_accuracy=accuracy.astype(jnp.float32),
                           mask_fraction=jnp.mean(masked.astype(jnp.float32)))
 
-    def train_step(state, batch, key) -> tuple[Any, Dict[str, jax.Array]]:
+    def train_step(state: Any, batch: Any, key: jax.Array) -> tuple[Any, Dict[str, jax.Array]]:
         step_key = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, metrics), grads = grad_fn(state.params, batch, step_key)
@@ -108,9 +111,9 @@ def make_train_step(model, layout: TokenLayout, tx, lr_fn: Callable, tcfg, ema_d
     return train_step
 
 
-def make_init(model, tx, seq_len: int):
+def make_init(model: Any, tx: optax.GradientTransformation, seq_len: int):
     """init(key) -> boxed TrainState (for `train_state.init_sharded`)."""
-    def init(key):
+    def init(key: jax.Array):
         variables = model.init({"params": key}, jnp.zeros((1, seq_len), jnp.int32))
         return train_state.new_state(variables["params"], tx)
     return init

@@ -32,21 +32,21 @@ class MetricWriter:
             paths.makedirs(logdir)
             self._writer = SummaryWriter(logdir)
 
-    def scalars(self, step: int, values: Dict[str, float]):
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
         if self._writer is None:
             return
         for name, value in values.items():
             self._writer.add_scalar(name, float(value), int(step))
 
-    def image(self, step: int, name: str, grid_uint8: np.ndarray):
+    def image(self, step: int, name: str, grid_uint8: np.ndarray) -> None:
         if self._writer is not None:
             self._writer.add_image(name, grid_uint8, int(step), dataformats="HWC")
 
-    def flush(self):
+    def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -59,12 +59,12 @@ class Progress:
         self.bar = tqdm.tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True,
                              disable=jax.process_index() != 0, mininterval=1.0)
 
-    def update(self, steps: int, metrics: Optional[Dict[str, float]] = None):
+    def update(self, steps: int, metrics: Optional[Dict[str, float]] = None) -> None:
         if metrics:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
         self.bar.update(steps)
 
-    def close(self):
+    def close(self) -> None:
         self.bar.close()
 
 
