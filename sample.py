@@ -56,7 +56,7 @@ def sampling_overrides() -> dict:
     return out
 
 
-def parse_classes(text: str | None, num_classes: int):
+def parse_classes(text: str | None, num_classes: int) -> list[int]:
     if text is None:
         return list(range(num_classes))
     try:
@@ -90,7 +90,7 @@ def check_recap(sampling: dict) -> None:
                          f"(--steps or the config's sampling.steps: {steps}); it must be <= {steps}")
 
 
-def main(argv: Sequence[str]):
+def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {argv[1:]}")
     check_flags()

@@ -5,10 +5,19 @@
     from maskgen import editing, sampling, scheduler
 """
 
+import os
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:  # annotations only: `import maskgen` stays light
+    import ml_collections
+
+    from maskgen.bundle import Bundle
+
 __version__ = "0.1.0"
 
 
-def load(path, config=None, device=None):
+def load(path: Union[str, os.PathLike], config: "ml_collections.ConfigDict | None" = None,
+         device: Any = None) -> "Bundle":
     """A trained or converted model bundle (see `maskgen.bundle.load`)."""
     from maskgen.bundle import load as _load  # deferred: keeps `import maskgen` light
     return _load(path, config=config, device=device)

@@ -151,7 +151,7 @@ class StageCheckpoints:
         self._pending: Optional[int] = None  # step of the async save not yet confirmed on disk
         self.failed = False  # after a failure the manager is abandoned (its threads may never finish)
 
-    def steps(self):
+    def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> Optional[int]:
@@ -245,7 +245,7 @@ class StageCheckpoints:
         self.wait(timeout)
         self.manager.close()
 
-    def saved_tree(self, step: int):
+    def saved_tree(self, step: int) -> Any:
         """The saved state's metadata tree (shapes and dtypes), read without the arrays."""
         meta = self.manager.item_metadata(step)["state"]
         if meta is None:
@@ -266,7 +266,7 @@ class StageCheckpoints:
             log.error("moved unreadable checkpoint %s aside to %s", src, dst)
         self.manager.reload()
 
-    def restore(self, target_tree: Any, step: Optional[int] = None):
+    def restore(self, target_tree: Any, step: Optional[int] = None) -> tuple[Any, Any, int] | None:
         """(state tree, data state, step) of the newest readable step, or None when there is none.
 
         `target_tree` holds `jax.ShapeDtypeStruct`s with shardings (any mesh):
@@ -315,7 +315,7 @@ def has_steps(stage_dir) -> bool:
     return paths.is_dir(stage_dir) and any(d.isdigit() for d in paths.listdir(stage_dir))
 
 
-def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Optional[int] = None):
+def restore_subtree(stage_dir: str, target_subtree: Dict[str, Any], step: Optional[int] = None) -> tuple[Any, int]:
     """(subtree, step): only the entries of `target_subtree` (e.g. {"ema_params": ...}).
 
     For consumers of a finished stage (the transformer stage reading the

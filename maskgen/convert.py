@@ -14,7 +14,7 @@ entries hold the official weights, so `maskgen.load`, `sample.py`, the editing
 API and a transformer stage with `tokenizer_workdir=OUT` all read it).
 Converting both kinds into the same OUT gives a complete, loadable workdir.
 """
-from typing import Sequence
+from typing import Any, Sequence
 import argparse
 import os
 import sys
@@ -32,7 +32,7 @@ from maskgen.models.sizes import seq_len
 
 KINDS = ("tokenizer", "transformer")
 CONVERTED_STEP = 0
-def build_model(kind: str, cfg: ml_collections.ConfigDict):
+def build_model(kind: str, cfg: ml_collections.ConfigDict) -> Any:
     """The maskgen module the config builds for `kind`."""
     if kind == "tokenizer":
         return factory.tokenizer_model(cfg)

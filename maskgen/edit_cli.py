@@ -63,7 +63,7 @@ def _value(flag_values: flags.FlagValues, name: str, default=None):
     return flag_values[name].value if name in flag_values else default
 
 
-def parse_ints(text: str, count: int, name: str):
+def parse_ints(text: str, count: int, name: str) -> tuple[int, ...]:
     """'a,b,...' -> tuple of `count` ints, or ValueError naming the flag."""
     try:
         values = tuple(int(v) for v in text.split(","))

@@ -65,7 +65,7 @@ class EditResult:
     offset: Tuple[int, int] = (0, 0)
     pixel_offset: Tuple[int, int] = (0, 0)
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
 
     def __getitem__(self, name: str):
@@ -212,7 +212,8 @@ def _int_option(value, name: str) -> int:
 
 def decoding_options(model: Any, steps: int | None = None, start_step: int | None = None, guidance=None,
                      recap=None,
-                     decode_config: Optional[DecodeConfig] = None, **options):
+                     decode_config: Optional[DecodeConfig] = None,
+                     **options) -> tuple[DecodeConfig, RecapConfig | None]:
     """(DecodeConfig, RecapConfig or None) for an edit: the model's `sampling` block + overrides.
 
     guidance: classifier-free guidance scale (1 = off). recap: None = the config's

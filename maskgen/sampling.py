@@ -77,7 +77,7 @@ def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
                        cheap_steps=values["recap_cheap_per_full"])
 
 
-def to_uint8(images: jax.Array):
+def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
@@ -113,7 +113,7 @@ class Sampler:
             {"params": params["tokenizer"]}, tokens, method="decode_from_indices")
         return tokens, to_uint8(images)
 
-    def decode_ids(self, ids: jax.Array, keys):
+    def decode_ids(self, ids: jax.Array, keys) -> jax.Array:
         """ids [B, L] (class token at 0, unknown = mask id) -> (tokens [B,h,w], uint8 images)."""
         return self._jitted(self.bundle.params, jnp.asarray(ids, jnp.int32), keys)
 

@@ -254,7 +254,7 @@ def mesh_of(shardings: Any) -> Optional[Mesh]:
 
 
 def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums=(),
-                activation_rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES):
+                activation_rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES) -> Callable:
     """`jax.jit` with explicit in/out shardings (and donation) and live activation constraints.
 
     `fn` is traced under `activation_sharding(mesh of in_shardings)`, so the

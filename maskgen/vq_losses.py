@@ -26,15 +26,15 @@ def _f32(x: jax.Array):
     return jnp.asarray(x, jnp.float32)
 
 
-def l1_loss(target: jax.Array, prediction: jax.Array):
+def l1_loss(target: jax.Array, prediction: jax.Array) -> jax.Array:
     return jnp.mean(jnp.abs(_f32(target) - _f32(prediction)))
 
 
-def l2_loss(target: jax.Array, prediction: jax.Array):
+def l2_loss(target: jax.Array, prediction: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(_f32(target) - _f32(prediction)))
 
 
-def reconstruction_loss(target: jax.Array, prediction: jax.Array, kind: str = "l1"):
+def reconstruction_loss(target: jax.Array, prediction: jax.Array, kind: str = "l1") -> jax.Array:
     if kind == "l1":
         return l1_loss(target, prediction)
     if kind == "l2":
@@ -48,7 +48,7 @@ def _check_gan_kind(kind: str) -> None:
         raise ValueError(f"GAN loss kind must be one of {GAN_LOSS_KINDS}, got {kind!r}")
 
 
-def generator_loss(fake_logits: jax.Array, kind: str = "non_saturating"):
+def generator_loss(fake_logits: jax.Array, kind: str = "non_saturating") -> jax.Array:
     """Generator's adversarial loss: non-saturating -log sigmoid(D(fake)), or hinge -D(fake)."""
     _check_gan_kind(kind)
     fake = _f32(fake_logits)
@@ -57,7 +57,7 @@ def generator_loss(fake_logits: jax.Array, kind: str = "non_saturating"):
     return jnp.mean(jax.nn.softplus(-fake))
 
 
-def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str = "non_saturating"):
+def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, kind: str = "non_saturating") -> jax.Array:
     """Discriminator loss: logistic (softplus(-real) + softplus(fake)) or hinge."""
     _check_gan_kind(kind)
     real, fake = _f32(real_logits), _f32(fake_logits)
@@ -113,7 +113,7 @@ def _global_norm(tree: Any):
 
 
 def adaptive_gan_weight(reconstruction_grads: Any, gan_grads: Any, eps: float = 1e-4,
-                        max_weight: float = 1e4):
+                        max_weight: float = 1e4) -> jax.Array:
     """VQGAN's balance |g_rec| / (|g_gan| + eps), clipped to [0, max_weight], no gradient.
 
     Both arguments are gradients (arrays or pytrees) of the respective losses with
@@ -127,7 +127,8 @@ def adaptive_gan_weight(reconstruction_grads: Any, gan_grads: Any, eps: float = 
 FeatureFn = Callable[[jax.Array], Union[jax.Array, Sequence[jax.Array]]]
 
 
-def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.Array, normalize: bool = True):
+def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.Array,
+                    normalize: bool = True) -> jax.Array:
     """Feature-space distance: sum over layers of mean_{b,h,w} sum_c (f(x) - f(y))^2.
 
     `features_fn(images)` returns one [B,...,C] array or a sequence of them. With
@@ -148,7 +149,7 @@ def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.A
     return total
 
 
-def entropy_loss(affinity_NxK: jax.Array, temperature: float = 0.01):
+def entropy_loss(affinity_NxK: jax.Array, temperature: float = 0.01) -> jax.Array:
     """Codebook-usage loss: mean per-sample entropy minus entropy of the mean assignment.
 
     Low when each vector picks one code confidently (low per-sample entropy) and

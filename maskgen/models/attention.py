@@ -197,7 +197,7 @@ def _log_once(requested: str, impl: str, reason: str) -> None:
 
 def attend(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
            keep_HxBxNxL: jax.Array | None = None, keep_prob: float = 1.0,
-           implementation: str = "scan", mesh: jax.sharding.Mesh | None = None):
+           implementation: str = "scan", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """Softmax attention of N queries over L keys (no mask: fully bidirectional).
 
     `keep_HxBxNxL` (bool, heads first so each scan step reads a contiguous

@@ -32,7 +32,7 @@ def keep_probability(rate: float) -> float:
     return 1.0 - drop_threshold(rate) / 256.0
 
 
-def keep_mask(key: jax.Array, shape, rate: float):
+def keep_mask(key: jax.Array, shape, rate: float) -> jax.Array:
     """Boolean mask of `shape`, True with probability `keep_probability(rate)`."""
     *lead, last = shape
     words = jax.random.bits(key, (*lead, -(-last // LANES)), jnp.uint32)
@@ -40,7 +40,7 @@ def keep_mask(key: jax.Array, shape, rate: float):
     return lanes >= jnp.uint8(drop_threshold(rate))
 
 
-def apply_keep(x: jax.Array, keep: jax.Array, keep_prob: float):
+def apply_keep(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
     """Inverted dropout with a given mask: kept entries / keep_prob, dropped ones 0."""
     if keep is None:
         return x

@@ -88,11 +88,11 @@ class Embed(nn.Module):
         x = self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
         return self.dropout(self.embeddings_ln(x), deterministic=deterministic)
 
-    def word_table(self):
+    def word_table(self) -> jax.Array:
         return self.word_embeddings.embedding
 
 
-def scatter_rows(cache_BxLxHxK: jax.Array, rows_BxNxHxK: jax.Array, positions_BxN: jax.Array):
+def scatter_rows(cache_BxLxHxK: jax.Array, rows_BxNxHxK: jax.Array, positions_BxN: jax.Array) -> jax.Array:
     """Writes each example's fresh rows over its cached rows at `positions` (static shapes)."""
     return jax.vmap(lambda c, r, p: c.at[p].set(r.astype(c.dtype)))(cache_BxLxHxK, rows_BxNxHxK, positions_BxN)
 
@@ -308,13 +308,14 @@ class Transformer(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)[0]
 
-    def forward_with_kv(self, ids_BxL: jax.Array, deterministic: bool = True, num_logits: Optional[int] = None):
+    def forward_with_kv(self, ids_BxL: jax.Array, deterministic: bool = True,
+                        num_logits: Optional[int] = None) -> Any:
         """Full evaluation that also returns every layer's keys and values (for ReCAP)."""
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)
 
     def forward_subset(self, ids_BxN: jax.Array, positions_BxN: jax.Array, kv: KVCache, deterministic: bool = True,
-                       num_logits: Optional[int] = None):
+                       num_logits: Optional[int] = None) -> jax.Array:
         """Cheap evaluation: recompute only the given rows, attending over the cached K/V.
 
         In every layer the rows' fresh keys/values overwrite the cache at their
@@ -324,7 +325,7 @@ class Transformer(nn.Module):
         return self._run(ids_BxN, positions_BxN, deterministic, num_logits, kv)[0]
 
 
-def check_input_ids(ids: jax.Array, vocab_size: int, max_len: int):
+def check_input_ids(ids: jax.Array, vocab_size: int, max_len: int) -> jax.Array:
     """Host-side validation of transformer input ids (jitted code cannot raise)."""
     ids = np.asarray(ids)
     if ids.ndim != 2:

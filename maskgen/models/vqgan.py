@@ -126,7 +126,7 @@ class Decoder(nn.Module):
 
 
 def check_images(images: jax.Array, channels: int, downsample_factor: int = 1,
-                 image_size: Optional[int] = None):
+                 image_size: Optional[int] = None) -> jax.Array:
     """Raises ValueError unless `images` is a float [B,H,W,channels] batch of a usable size.
 
     Only static properties (rank, shape, dtype) are checked, so this also works on
@@ -152,7 +152,7 @@ def check_images(images: jax.Array, channels: int, downsample_factor: int = 1,
     return images
 
 
-def check_token_ids(ids: jax.Array, codebook_size: int):
+def check_token_ids(ids: jax.Array, codebook_size: int) -> jax.Array:
     """Host-side check that token ids are integers in [0, codebook_size); returns numpy ids."""
     ids = np.asarray(ids)
     if not np.issubdtype(ids.dtype, np.integer):
@@ -257,28 +257,28 @@ class VQGAN(nn.Module):
     def _check(self, images: jax.Array):
         return check_images(images, self.image_channels, self.downsample_factor, self.image_size)
 
-    def encode(self, images_BxHxWxC: jax.Array):
+    def encode(self, images_BxHxWxC: jax.Array) -> Tuple[jax.Array, Any]:
         """Images in [0, 1] -> (straight-through quantised [B,h,w,D] float32, aux dict)."""
         z = self.encoder(self._check(images_BxHxWxC))
         return self.quantizer(z)
 
-    def encode_latents(self, images_BxHxWxC: jax.Array):
+    def encode_latents(self, images_BxHxWxC: jax.Array) -> jax.Array:
         """Images -> the float32 vectors the quantizer rounds or looks up [B,h,w,d] (k-means init)."""
         return self.encode(images_BxHxWxC)[1]["latent"]
 
-    def encode_to_indices(self, images_BxHxWxC: jax.Array):
+    def encode_to_indices(self, images_BxHxWxC: jax.Array) -> jax.Array:
         """Images -> int32 token ids [B,h,w]."""
         _, aux = self.encode(images_BxHxWxC)
         return aux["encoding_indices"]
 
-    def decode(self, quantized_BxhxwxD: jax.Array):
+    def decode(self, quantized_BxhxwxD: jax.Array) -> jax.Array:
         """Quantised features -> images [B,H,W,C] float32 (not clipped)."""
         if quantized_BxhxwxD.ndim != 4 or quantized_BxhxwxD.shape[-1] != self.embedding_dim:
             raise ValueError(f"decode expects [batch, h, w, {self.embedding_dim}] features, got "
                              f"shape {quantized_BxhxwxD.shape}")
         return self.decoder(quantized_BxhxwxD).astype(jnp.float32)
 
-    def decode_from_indices(self, ids_Bxhxw: jax.Array):
+    def decode_from_indices(self, ids_Bxhxw: jax.Array) -> jax.Array:
         """Token ids [B,h,w] -> images. Validate ids first with `check_token_ids` (host)."""
         if ids_Bxhxw.ndim != 3 or not jnp.issubdtype(ids_Bxhxw.dtype, jnp.integer):
             raise ValueError(f"token ids must be integer [batch, h, w], got shape "

@@ -86,7 +86,7 @@ class EpochSampler:
         self.position = int(state["position"])
 
 
-def synthetic_image(seed: int, index: int, num_classes: int, size: int, channels: int):
+def synthetic_image(seed: int, index: int, num_classes: int, size: int, channels: int) -> tuple[np.ndarray, int]:
     """(image float32 [size, size, channels] in [0, 1], label) of synthetic example `index`.
 
     Class-coloured smooth blobs plus a little noise: cheap, deterministic and
@@ -101,7 +101,8 @@ def synthetic_image(seed: int, index: int, num_classes: int, size: int, channels
     return np.clip(image, 0.0, 1.0).astype(np.float32), label
 
 
-def synthetic_tokens(seed: int, index: int, num_classes: int, num_tokens: int, codebook_size: int):
+def synthetic_tokens(seed: int, index: int, num_classes: int, num_tokens: int,
+                     codebook_size: int) -> tuple[np.ndarray, int]:
     """(tokens int32 [num_tokens], label): class-dependent codes on half the codebook."""
     rng = np.random.default_rng([seed, index])
     label = index % num_classes
@@ -120,7 +121,7 @@ class SyntheticImages:
         self.data_seed, self.num_classes = int(seed), int(num_classes)
         self.image_size, self.channels, self.random_flip = int(image_size), int(channels), random_flip
 
-    def example(self, index: int):
+    def example(self, index: int) -> tuple[np.ndarray, int]:
         return synthetic_image(self.data_seed, int(index), self.num_classes, self.image_size, self.channels)
 
     def __iter__(self):
@@ -135,7 +136,7 @@ class SyntheticImages:
             images[flip] = images[flip, :, ::-1]
         return {"image": images, "label": np.array([p[1] for p in pairs], np.int32)}
 
-    def get_state(self):
+    def get_state(self) -> Dict:
         return self.sampler.get_state()
 
     def set_state(self, state: Any) -> None:
@@ -159,7 +160,7 @@ class SyntheticTokens:
                  for i in self.sampler.indices(self.sampler.next_positions())]
         return {"tokens": np.stack([p[0] for p in pairs]), "label": np.array([p[1] for p in pairs], np.int32)}
 
-    def get_state(self):
+    def get_state(self) -> Dict:
         return self.sampler.get_state()
 
     def set_state(self, state: Any) -> None:
@@ -190,7 +191,7 @@ class TokenCacheReader:
             tokens = np.where(flip[:, None], self.tokens_flipped[idx], tokens)
         return {"tokens": tokens.astype(np.int32), "label": self.labels[idx].astype(np.int32)}
 
-    def get_state(self):
+    def get_state(self) -> Dict:
         return self.sampler.get_state()
 
     def set_state(self, state: Any) -> None:
@@ -223,7 +224,7 @@ class GrainImages:
         return {"image": np.asarray(batch["image"], np.float32),
                 "label": np.asarray(batch["label"], np.int32)}
 
-    def get_state(self):
+    def get_state(self) -> Dict:
         return {"kind": "grain", "state": self._it.get_state().decode()}
 
     def set_state(self, state: Any) -> None:
@@ -232,7 +233,7 @@ class GrainImages:
         self._it.set_state(state["state"].encode())
 
 
-def image_iterator(cfg: ml_collections.ConfigDict, global_batch: int, seed: int):
+def image_iterator(cfg: ml_collections.ConfigDict, global_batch: int, seed: int) -> GrainImages | SyntheticImages:
     """The training-image iterator a config asks for (synthetic or a prepared dataset)."""
     ds = cfg.dataset
     if ds.name == SYNTHETIC:

@@ -41,12 +41,13 @@ def lr_schedule(learning_rate: float, num_steps: int, warmup_steps: int = 0,
     return schedule
 
 
-def decay_mask(params: Any):
+def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: arrays with two or more dimensions."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def adamw(train_cfg: ml_collections.ConfigDict, num_steps: int, learning_rate: float | None = None):
+def adamw(train_cfg: ml_collections.ConfigDict, num_steps: int,
+          learning_rate: float | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, lr schedule) for a stage's training block.
 
     Reads learning_rate, b1, b2, weight_decay, warmup_steps, lr_schedule and
@@ -64,6 +65,6 @@ def adamw(train_cfg: ml_collections.ConfigDict, num_steps: int, learning_rate: f
     return optax.chain(*parts), schedule
 
 
-def ema_update(ema_params: Any, params: Any, decay: float):
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
     """One exponential-moving-average step, decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema_params, params)

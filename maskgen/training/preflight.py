@@ -13,7 +13,7 @@ stage whose block sets its own value).
 """
 import logging
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import jax
 import ml_collections
@@ -35,7 +35,7 @@ _PREPARED_DATASETS = ("fashion_mnist",)
 _NO_DATA_DIR = ("synthetic", "synthetic_tokens")
 
 
-def stage_init(cfg: ml_collections.ConfigDict, stage: str, scfg: ml_collections.ConfigDict):
+def stage_init(cfg: ml_collections.ConfigDict, stage: str, scfg: ml_collections.ConfigDict) -> Callable:
     """The stage's `init(key) -> boxed TrainState`, as its `build` makes it (for shapes only)."""
     num_steps = int(scfg.num_train_steps)
     tx, _ = optimizer.adamw(scfg, num_steps)

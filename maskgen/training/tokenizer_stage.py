@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import ml_collections
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 STAGE = "tokenizer"
 
 
-def perceptual_features(tcfg: ml_collections.ConfigDict):
+def perceptual_features(tcfg: ml_collections.ConfigDict) -> Callable | None:
     """Feature function for the perceptual loss, or None when it is off."""
     if not tcfg.perceptual_weight:
         return None
@@ -54,7 +54,7 @@ def perceptual_features(tcfg: ml_collections.ConfigDict):
     return features
 
 
-def make_reconstructor(vqgan: Any, mesh: Mesh, num: int = 8):
+def make_reconstructor(vqgan: Any, mesh: Mesh, num: int = 8) -> tuple[Callable, Any]:
     """(sample_fn, fixed): sample_fn(state, step) -> grid of inputs over EMA reconstructions.
 
     The inputs are the first `num` rows of the first global batch, stored in

@@ -65,7 +65,7 @@ def restarts_dead_codes(vqgan: nn.Module, tcfg: ml_collections.ConfigDict) -> bo
 def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransformation,
                     disc_tx: optax.GradientTransformation, lr_fn: Callable, tcfg: ml_collections.ConfigDict,
                     ema_decay: float,
-                    features_fn: Optional[Callable] = None, gate_with_cond: Optional[bool] = None):
+                    features_fn: Optional[Callable] = None, gate_with_cond: Optional[bool] = None) -> Callable:
     """train_step(state, batch, key) -> (state, metrics); state.extra holds the discriminator.
 
     Before `disc_start_step` the discriminator keeps its state. `gate_with_cond`

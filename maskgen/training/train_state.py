@@ -46,7 +46,8 @@ def new_state(params: Any, tx: Any, extra: Optional[Dict[str, Any]] = None) -> T
                       opt_state=tx.init(params), extra=dict(extra or {}))
 
 
-def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh, rules=shd.RULES):
+def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh,
+                           rules=shd.RULES) -> tuple[Any, Any]:
     """(unboxed abstract state, NamedSharding tree) of `init_fn(key)` without computing it."""
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
     abstract = nn.meta.unbox(boxed)
@@ -54,18 +55,19 @@ def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh: jax.shardi
     return abstract, shardings
 
 
-def sharded_abstract(abstract: Any, shardings: Any):
+def sharded_abstract(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying their shardings (restore targets, AOT compilation)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
 
 
-def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: Any):
+def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: Any) -> Any:
     """Runs `init_fn(key)` under jit so every array is created directly in its shards."""
     return jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh, rules=shd.RULES):
+def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh,
+                 rules=shd.RULES) -> tuple[Any, Any, Any]:
     """(state, shardings, abstract): `abstract_and_shardings` then `materialize`."""
     abstract, shardings = abstract_and_shardings(init_fn, mesh, rules)
     return materialize(init_fn, key, shardings), shardings, abstract

@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import ml_collections
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -42,7 +42,7 @@ STAGE = "transformer"
 ENCODE_BATCH = 512  # images per pre-tokenisation call
 
 
-def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd.RULES):
+def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd.RULES) -> tuple[nn.Module, dict]:
     """(tokenizer module, {"ema_params": sharded ShapeDtypeStructs}) for partial restores."""
     model = tokenizer_model(cfg)
     shape = (1, cfg.image_size, cfg.image_size, cfg.image_channels)
@@ -54,7 +54,7 @@ def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd
 
 
 def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules=shd.RULES,
-                   with_decoder_stage: bool = True):
+                   with_decoder_stage: bool = True) -> tuple[nn.Module, Any, str, int]:
     """(tokenizer module, EMA params sharded on `mesh`, stage directory, step).
 
     With `with_decoder_stage`, the decoder comes from WORKDIR/decoder (the decoder stage) when that
@@ -101,7 +101,7 @@ def decode_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) -> Decode
 
 
 def make_sampler(cfg: ml_collections.ConfigDict, model: nn.Module, layout, tokenizer: nn.Module, tok_params: Any,
-                 mesh: Mesh, num: int = 8):
+                 mesh: Mesh, num: int = 8) -> Callable:
     """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params.
 
     The images come back replicated, so every host can read them (process 0 writes).
@@ -188,7 +188,7 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
 
 
 def make_quality_eval(cfg: ml_collections.ConfigDict, workdir, model: nn.Module, layout, tokenizer: nn.Module,
-                      tok_params: Any, grid):
+                      tok_params: Any, grid) -> Callable:
     """(state, step) -> quality report of the EMA transformer (Fashion-MNIST class accuracy, Fréchet)."""
     per_class = max(1, int(cfg.eval_num_samples) // layout.num_real_classes)
 

@@ -24,7 +24,8 @@ from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
 
 
-def mask_tokens(key: jax.Array, tokens_BxN: jax.Array, schedule: str, min_masking_rate: float, mask_id: int):
+def mask_tokens(key: jax.Array, tokens_BxN: jax.Array, schedule: str, min_masking_rate: float,
+                mask_id: int) -> tuple[jax.Array, jax.Array]:
     """(inputs with masked positions set to `mask_id`, bool mask [B, N])."""
     batch, n = tokens_BxN.shape
     k_ratio, k_pos = jax.random.split(key)
@@ -38,7 +39,7 @@ def mask_tokens(key: jax.Array, tokens_BxN: jax.Array, schedule: str, min_maskin
     return jnp.where(masked, mask_id, tokens_BxN), masked
 
 
-def drop_labels(key: jax.Array, labels_B: jax.Array, rate: float, null_class_id: int):
+def drop_labels(key: jax.Array, labels_B: jax.Array, rate: float, null_class_id: int) -> jax.Array:
     """Replaces each label by the null class with probability `rate`."""
     if rate <= 0:
         return labels_B
@@ -47,7 +48,7 @@ def drop_labels(key: jax.Array, labels_B: jax.Array, rate: float, null_class_id:
 
 
 def masked_token_loss(logits_BxNxK: jax.Array, targets_BxN: jax.Array, weights_BxN: jax.Array,
-                      label_smoothing: float):
+                      label_smoothing: float) -> jax.Array:
     """Weighted mean cross-entropy (smoothed one-hot targets) over the weighted positions."""
     num_classes = logits_BxNxK.shape[-1]
     target = optax.smooth_labels(jax.nn.one_hot(targets_BxN, num_classes), label_smoothing)
@@ -73,7 +74,7 @@ def check_train_config(tcfg: ml_collections.ConfigDict, layout: TokenLayout) -> 
 
 
 def make_train_step(model: Any, layout: TokenLayout, tx: optax.GradientTransformation, lr_fn: Callable,
-                    tcfg: ml_collections.ConfigDict, ema_decay: float):
+                    tcfg: ml_collections.ConfigDict, ema_decay: float) -> Callable:
     """Returns train_step(state, batch, key) -> (state, metrics) for a Transformer module."""
     check_train_config(tcfg, layout)
     schedule, min_rate = tcfg.mask_schedule, float(tcfg.min_masking_rate)
@@ -111,7 +112,7 @@ def make_train_step(model: Any, layout: TokenLayout, tx: optax.GradientTransform
     return train_step
 
 
-def make_init(model: Any, tx: optax.GradientTransformation, seq_len: int):
+def make_init(model: Any, tx: optax.GradientTransformation, seq_len: int) -> Callable:
     """init(key) -> boxed TrainState (for `train_state.init_sharded`)."""
     def init(key: jax.Array):
         variables = model.init({"params": key}, jnp.zeros((1, seq_len), jnp.int32))
