@@ -34,7 +34,7 @@ CODE_DIM = "code_dim"
 _PIN = contextvars.ContextVar("maskgen_activation_pin", default=None)
 
 
-def constrain(x, names: Sequence[Optional[str]]) -> Any:
+def constrain(x: Any, names: Sequence[Optional[str]]) -> Any:
     """`x` with its logical axis names applied by the active pinning function (identity if none)."""
     pin = _PIN.get()
     return x if pin is None else pin(x, tuple(names))

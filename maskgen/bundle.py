@@ -69,7 +69,7 @@ def _config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.C
     return config_io.read_config(workdir)
 
 
-def _abstract_params(module: nn.Module, example: Any, device):
+def _abstract_params(module: nn.Module, example: Any, device: jax.Device):
     boxed = jax.eval_shape(lambda k: module.init(k, example)["params"], jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
@@ -93,7 +93,8 @@ def _restore_ema(stage_dir: str, abstract: Any, step: Optional[int]):
     return tree[key], got
 
 
-def load(path: Union[str, os.PathLike], config: ml_collections.ConfigDict | None = None, device=None) -> Bundle:
+def load(path: Union[str, os.PathLike], config: ml_collections.ConfigDict | None = None,
+         device: jax.Device | None = None) -> Bundle:
     """Loads a Bundle from a workdir or checkpoint directory (see module docstring)."""
     workdir, transformer_step = _split_path(path)
     cfg = _config(workdir, config)

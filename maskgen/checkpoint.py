@@ -88,7 +88,7 @@ def io_cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {_short(' '.join(text.split()), 240)}"
 
 
-def _path_str(path) -> str:
+def _path_str(path: Any) -> str:
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -106,7 +106,7 @@ def _flat_shapes(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
             for p, x in flat}
 
 
-def _short(err, limit: int = 400) -> str:
+def _short(err: BaseException, limit: int = 400) -> str:
     text = str(err)
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -309,7 +309,7 @@ class StageCheckpoints:
         return None
 
 
-def has_steps(stage_dir) -> bool:
+def has_steps(stage_dir: str) -> bool:
     """Whether `stage_dir` holds a checkpoint step (a missing directory holds none)."""
     stage_dir = paths.normalize(stage_dir)
     return paths.is_dir(stage_dir) and any(d.isdigit() for d in paths.listdir(stage_dir))

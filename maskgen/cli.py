@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -142,7 +142,7 @@ def quiet_library_errors() -> None:
     # through sys.excepthook / unraisablehook, dozens of times: the same failure, already reported by us.
     previous = sys.excepthook
 
-    def hook(kind: str, value, tb) -> None:
+    def hook(kind: str, value: BaseException | None, tb: Any) -> None:
         if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
             return
         previous(kind, value, tb)
@@ -150,7 +150,7 @@ def quiet_library_errors() -> None:
     sys.excepthook = hook
     previous_unraisable = sys.unraisablehook
 
-    def unraisable(info) -> None:
+    def unraisable(info: Any) -> None:
         if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
             return
         previous_unraisable(info)

@@ -18,7 +18,7 @@ from maskgen import paths
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config_file(path: str, arg=None) -> ml_collections.ConfigDict:
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Runs `get_config()` (or `get_config(arg)`) of a Python config file."""
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -72,7 +72,7 @@ def _write_config(cfg: ml_collections.ConfigDict, out_dir: str) -> None:
     config_io.write_config(cfg, out_dir)
 
 
-def convert(official_path, kind: str, config: ml_collections.ConfigDict, out_dir) -> str:
+def convert(official_path: str, kind: str, config: ml_collections.ConfigDict, out_dir: str) -> str:
     """Checks and writes one official checkpoint into `out_dir`; returns the stage directory."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

@@ -16,6 +16,7 @@ are in pixels. Decoding flags of sample.py (--steps, --guidance, --seed, ...) ap
 """
 import io
 import os
+from typing import Any
 
 import numpy as np
 from absl import flags
@@ -59,7 +60,7 @@ def add_edit_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         flags.DEFINE_integer("seed", 0, "editing seed", **fv)
 
 
-def _value(flag_values: flags.FlagValues, name: str, default=None):
+def _value(flag_values: flags.FlagValues, name: str, default: Any | None = None):
     return flag_values[name].value if name in flag_values else default
 
 
@@ -74,7 +75,7 @@ def parse_ints(text: str, count: int, name: str) -> tuple[int, ...]:
     return values
 
 
-def load_image(path, channels: int) -> np.ndarray:
+def load_image(path: str, channels: int) -> np.ndarray:
     """uint8 [H, W, C] with the model's channel count."""
     if not path:
         raise ValueError("--image is required for --edit")
@@ -88,7 +89,7 @@ def load_image(path, channels: int) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def load_mask(path) -> np.ndarray:
+def load_mask(path: str) -> np.ndarray:
     """bool [H, W] from a PNG (grey > 127) or a .npy array (non-zero)."""
     if not paths.is_file(path):
         raise ValueError(f"--mask {path}: no such file")
@@ -167,7 +168,7 @@ def _out_dir(flag_values: flags.FlagValues) -> str:
     return os.path.join(workdir, "edit")
 
 
-def _fit(image: np.ndarray, shape) -> np.ndarray:
+def _fit(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Display copy of the input at the result's size (only differs with --resize)."""
     if image.shape[:2] == tuple(shape[:2]):
         return image
@@ -195,12 +196,12 @@ def before_after(image: np.ndarray, result: editing.EditResult, factor: int) -> 
     return make_grid(np.stack(panels), rows=1)
 
 
-def run_edit(bundle, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def run_edit(bundle: Any, flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """sample.py's entry: runs the edit and writes the files (returns None, a clean exit status)."""
     edit_from_flags(bundle, flag_values)
 
 
-def edit_from_flags(bundle, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+def edit_from_flags(bundle: Any, flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     """Runs the edit the flags describe, writes before_after.png and edit.npz.
 
     Returns {"png": path, "npz": path, "result": EditResult}.

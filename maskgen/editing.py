@@ -140,7 +140,7 @@ def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.Resampling.BOX)) > 0
 
 
-def _size_error(size: int, model_size) -> ValueError:
+def _size_error(size: tuple[int, int], model_size: tuple[int, int]) -> ValueError:
     return ValueError(f"image is {size[0]}x{size[1]} pixels, the model works at {model_size[0]}x"
                       f"{model_size[1]}: resize it first or pass resize=True "
                       "(--resize with sample.py --edit)")
@@ -159,8 +159,8 @@ def _render(tokenizer: Any, params: Any, tokens: jax.Array):
     return jnp.clip(images, 0.0, 1.0)
 
 
-def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout,
-                     config: ml_collections.ConfigDict, recap):
+def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout: Any,
+                     config: ml_collections.ConfigDict, recap: RecapConfig):
     """ids [1, L] with unknown = mask id -> decoded ids [1, L]."""
     variables = {"params": params}
     n = layout.codebook_size
@@ -174,9 +174,9 @@ def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: A
 
 
 @functools.partial(jax.jit, static_argnames=("transformer", "layout", "config", "recap"))
-def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys, class_token: jax.Array, *,
-                    transformer: Any, layout, config: ml_collections.ConfigDict,
-                    recap):
+def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys: jax.Array, class_token: jax.Array, *,
+                    transformer: Any, layout: Any, config: ml_collections.ConfigDict,
+                    recap: RecapConfig):
     """Decodes the unknown tokens of canvas [Hc, Wc] window by window (one XLA loop).
 
     origins [n, 2]: window corners in order; keys [n]: one key per window. Each
@@ -204,14 +204,15 @@ def _sampling_block(model: Any) -> dict:
     return sampling_block()
 
 
-def _int_option(value, name: str) -> int:
+def _int_option(value: Any, name: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
-def decoding_options(model: Any, steps: int | None = None, start_step: int | None = None, guidance=None,
-                     recap=None,
+def decoding_options(model: Any, steps: int | None = None, start_step: int | None = None,
+                     guidance: Any | None = None,
+                     recap: RecapConfig | None = None,
                      decode_config: Optional[DecodeConfig] = None,
                      **options) -> tuple[DecodeConfig, RecapConfig | None]:
     """(DecodeConfig, RecapConfig or None) for an edit: the model's `sampling` block + overrides.
@@ -251,7 +252,7 @@ def decoding_options(model: Any, steps: int | None = None, start_step: int | Non
     return config, recap
 
 
-def _class_token(layout, class_id) -> int:
+def _class_token(layout: Any, class_id: int) -> int:
     """Token of `class_id`; None means the null class (unconditional) where the model has one."""
     if class_id is None:
         if layout.null_class_id is None:
@@ -274,7 +275,7 @@ def _keys(seed: int, count: int):
 
 
 def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: jax.Array,
-         config: ml_collections.ConfigDict, recap):
+         config: ml_collections.ConfigDict, recap: RecapConfig):
     layout = model.layout
     tokens = _decode_windows(
         model.params["transformer"], jnp.asarray(canvas, jnp.int32), jnp.asarray(origins, jnp.int32),
@@ -295,9 +296,11 @@ def _pixels_of(model: Any, tokens: jax.Array):
 
 # ----------------------------------------------------------------------------- edits
 
-def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id=None, seed: int = 0, steps: int | None = None,
-            start_step: int | None = None, guidance=None,
-            recap=None, paste_back: bool = True, feather: Optional[int] = None, dilation: int = 1,
+def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id: int | None = None, seed: int = 0,
+            steps: int | None = None,
+            start_step: int | None = None, guidance: Any | None = None,
+            recap: RecapConfig | None = None, paste_back: bool = True, feather: Optional[int] = None,
+            dilation: int = 1,
             resize: bool = False, decode_config: Optional[DecodeConfig] = None,
             **decode_options) -> EditResult:
     """Regenerates the masked part of `image`, conditioned on class `class_id`.
@@ -352,7 +355,7 @@ def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id=None, seed: 
                       tokens_after=after, token_mask=regenerate, class_id=class_id)
 
 
-def edit_class(model: Any, image: jax.Array, box: Any, class_id, seed: int = 0, steps: int | None = None,
+def edit_class(model: Any, image: jax.Array, box: Any, class_id: int, seed: int = 0, steps: int | None = None,
                start_step: int | None = None,
                **kwargs) -> EditResult:
     """Re-generates the region `box` (or a pixel mask) as class `class_id`.
@@ -378,7 +381,7 @@ def edit_class(model: Any, image: jax.Array, box: Any, class_id, seed: int = 0, 
                    **kwargs)
 
 
-def _to_tokens(value, factor: int, unit: str, name: str):
+def _to_tokens(value: Any, factor: int, unit: str, name: str):
     """Pixel (or token) lengths -> tokens; pixels must be whole tokens."""
     if value is None:
         return None
@@ -395,12 +398,12 @@ def _to_tokens(value, factor: int, unit: str, name: str):
     return out[0] if scalar else tuple(out)
 
 
-def outpaint(model: Any, image: jax.Array, class_id=None, direction: str | None = None,
+def outpaint(model: Any, image: jax.Array, class_id: int | None = None, direction: str | None = None,
              amount: float | None = None,
              canvas: jax.Array | None = None, offset: int | None = None,
              unit: str = "pixels", seed: int = 0, steps: int | None = None, start_step: int | None = None,
-             guidance=None, recap=None,
-             overlap=None, paste_back: bool = True, feather: Optional[int] = None,
+             guidance: Any | None = None, recap: RecapConfig | None = None,
+             overlap: int | None = None, paste_back: bool = True, feather: Optional[int] = None,
              resize: bool = False, decode_config: Optional[DecodeConfig] = None,
              **decode_options) -> EditResult:
     """Extends `image` onto a larger canvas and generates the new area.

@@ -1,5 +1,5 @@
 """Image grids and atomic PNG/NPZ writing (a killed run never leaves a half-written file)."""
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,7 @@ def float_grid(images: np.ndarray, cols: Optional[int] = None) -> np.ndarray:
     return np.round(grid * 255).astype(np.uint8)
 
 
-def atomic_write(path, write) -> None:
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Calls write(tmp) on a local temporary file, then publishes it at `path` (local or gs://).
 
     Locally a rename onto `path`; on GCS a single-object upload (see `paths.atomic_write`).
@@ -49,7 +49,7 @@ def atomic_write(path, write) -> None:
     paths.atomic_write(path, write)
 
 
-def save_png(image: np.ndarray, path, scale: int = 1) -> None:
+def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
     """Writes a uint8 [H, W, C] (C = 1 or 3) image, optionally enlarged by pixel repetition."""
     image = np.asarray(image)
     if scale > 1:
@@ -58,6 +58,6 @@ def save_png(image: np.ndarray, path, scale: int = 1) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def save_npz(path, **arrays) -> None:
+def save_npz(path: str, **arrays) -> None:
     """Writes arrays to an .npz atomically."""
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

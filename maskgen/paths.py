@@ -140,7 +140,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
 
 def write_text(path: PathLike, text: str) -> None:
     """Writes `text` (UTF-8) atomically: see `atomic_write`."""
-    def write(tmp) -> None:
+    def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)

@@ -25,7 +25,7 @@ SAMPLING_DEFAULTS = dict(
     recap_full_only_steps=0, recap_cheap_per_full=0)
 
 
-def sampling_block(sampling=None) -> dict:
+def sampling_block(sampling: Any | None = None) -> dict:
     """A `sampling` block with every key present: the given entries over SAMPLING_DEFAULTS.
 
     Unknown keys raise, so a typo in an override does not silently decode with a default.
@@ -37,7 +37,7 @@ def sampling_block(sampling=None) -> dict:
     return {**SAMPLING_DEFAULTS, **given}
 
 
-def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
+def decode_config_from(sampling: Any, token_grid: tuple[int, int], **overrides) -> DecodeConfig:
     """DecodeConfig from a config's `sampling` block (+ keyword overrides).
 
     The one reader of the block's decoding keys: training-time samples, `sample.py`,
@@ -56,7 +56,7 @@ def decode_config_from(sampling, token_grid, **overrides) -> DecodeConfig:
     return DecodeConfig(**options)
 
 
-def recap_config_from(sampling, **overrides) -> Optional[RecapConfig]:
+def recap_config_from(sampling: Any, **overrides) -> Optional[RecapConfig]:
     """RecapConfig from a config's `sampling` block; None when K (cheap per full) is 0."""
     given = {**dict(sampling or {}), **overrides}
     s = sampling_block(given)
@@ -100,7 +100,7 @@ class Sampler:
         plain = lambda ids: model.apply(variables, ids, num_logits=n)  # noqa: E731
         return plain, full, cheap
 
-    def _run(self, params: Any, ids: jax.Array, keys):
+    def _run(self, params: Any, ids: jax.Array, keys: jax.Array):
         plain, full, cheap = self._logit_fns(params)
         layout = self.bundle.layout
         if self.recap is None:
@@ -113,7 +113,7 @@ class Sampler:
             {"params": params["tokenizer"]}, tokens, method="decode_from_indices")
         return tokens, to_uint8(images)
 
-    def decode_ids(self, ids: jax.Array, keys) -> jax.Array:
+    def decode_ids(self, ids: jax.Array, keys: jax.Array) -> jax.Array:
         """ids [B, L] (class token at 0, unknown = mask id) -> (tokens [B,h,w], uint8 images)."""
         return self._jitted(self.bundle.params, jnp.asarray(ids, jnp.int32), keys)
 

@@ -117,7 +117,7 @@ def rules_from_config(overrides: Optional[Mapping[str, Any]] = None) -> Dict[str
     return rules
 
 
-def _candidate_axes(candidate) -> Tuple[str, ...]:
+def _candidate_axes(candidate: Any) -> Tuple[str, ...]:
     return (candidate,) if isinstance(candidate, str) else tuple(candidate)
 
 
@@ -167,7 +167,7 @@ def logical_specs(boxed_tree: Any) -> Any:
 def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
                    rules: Mapping[str, Sequence[Any]] = RULES) -> Any:
     """NamedShardings for `abstract_tree` (unboxed shapes) from matching logical specs."""
-    def one(spec, leaf: jax.Array):
+    def one(spec: PartitionSpec, leaf: jax.Array):
         return NamedSharding(mesh, resolve_spec(tuple(spec), leaf.shape, mesh, rules))
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=_is_spec)
 
@@ -253,7 +253,7 @@ def mesh_of(shardings: Any) -> Optional[Mesh]:
     return None
 
 
-def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums=(),
+def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argnums: int | Sequence[int] = (),
                 activation_rules: Mapping[str, Sequence[Any]] = ACTIVATION_RULES) -> Callable:
     """`jax.jit` with explicit in/out shardings (and donation) and live activation constraints.
 

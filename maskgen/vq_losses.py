@@ -135,7 +135,7 @@ def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.A
     `normalize`, features are scaled to unit L2 norm over channels first (as
     LPIPS does, without its learned channel weights).
     """
-    def as_list(f):
+    def as_list(f: Any):
         return [f] if isinstance(f, jax.Array) or hasattr(f, "shape") else list(f)
 
     total = jnp.zeros((), jnp.float32)

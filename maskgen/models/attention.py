@@ -42,6 +42,7 @@ import functools
 import logging
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -366,7 +367,7 @@ def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Ar
 
 def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
                 keep: jax.Array):
-    def body(_, head: jax.Array):
+    def body(_: Any, head: jax.Array):
         return None, _head_forward(dtype, keep_prob, *head)
     xs = (q, k, v, keep)
     return lax.scan(body, None, xs)[1]
@@ -389,7 +390,7 @@ def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: 
     # sum_l dP * P per query equals sum_k dOut * Out (Out is P @ V).
     delta_HxBxNx1 = jnp.sum(g_HxBxNxK.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
 
-    def one_head(_, head: jax.Array):
+    def one_head(_: Any, head: jax.Array):
         q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL, lse_BxNx1, g_BxNxK, delta_BxNx1 = head
         logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
         probs = jnp.exp(logits - lse_BxNx1)

@@ -52,7 +52,7 @@ def im2col(x_BxHxWxC: jax.Array, kernel_hw: Tuple[int, int]) -> jax.Array:
 
 
 def conv2d_same(x_BxHxWxC: jax.Array, kernel_HWIO: jax.Array, conv_impl: str = "xla",
-                precision=None) -> jax.Array:
+                precision: Any | None = None) -> jax.Array:
     """Stride-1 "SAME" convolution with an HWIO kernel, by either implementation."""
     kh, kw, c_in, c_out = kernel_HWIO.shape
     if x_BxHxWxC.shape[-1] != c_in:

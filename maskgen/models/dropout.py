@@ -32,7 +32,7 @@ def keep_probability(rate: float) -> float:
     return 1.0 - drop_threshold(rate) / 256.0
 
 
-def keep_mask(key: jax.Array, shape, rate: float) -> jax.Array:
+def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """Boolean mask of `shape`, True with probability `keep_probability(rate)`."""
     *lead, last = shape
     words = jax.random.bits(key, (*lead, -(-last // LANES)), jnp.uint32)

@@ -233,7 +233,7 @@ def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.A
 
     centres, _ = jax.lax.fori_loop(0, num_codes, seed, (old, d2))
 
-    def lloyd(_, centres: jax.Array):
+    def lloyd(_: Any, centres: jax.Array):
         assign = jnp.argmin(squared_distances(x, centres), axis=-1)
         sums = jax.ops.segment_sum(x, assign, num_segments=num_codes)
         counts = jax.ops.segment_sum(jnp.ones(x.shape[0], jnp.float32), assign, num_segments=num_codes)

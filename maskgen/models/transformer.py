@@ -22,7 +22,7 @@ D width, H heads, K head dim, F MLP width, V vocabulary, Y layers.
 `remat` wraps each layer in `nn.remat` under a checkpoint policy
 (maskgen.models.remat). Neither changes the parameter tree.
 """
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -43,7 +43,7 @@ LN_EPS = 1e-12  # BERT's LayerNorm epsilon, as the official model uses
 _init = nn.initializers.truncated_normal(0.02)
 
 
-def _param(init, names):
+def _param(init: Callable, names: Any):
     return nn.with_logical_partitioning(init, names)
 
 

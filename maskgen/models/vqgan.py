@@ -37,7 +37,7 @@ from maskgen.models.quantizers import VectorQuantizer  # noqa: F401  (re-exporte
 Dtype = Any
 
 
-def parse_dtype(name_or_dtype) -> Dtype:
+def parse_dtype(name_or_dtype: jax.typing.DTypeLike) -> Dtype:
     """A dtype from a config string; an unknown name is a ValueError, not numpy's TypeError."""
     try:
         return jnp.dtype(name_or_dtype)

@@ -66,7 +66,7 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
                                    mutable=["intermediates"])
         return logits, jax.tree.leaves(state["intermediates"])
 
-    def generator_loss(params: Any, d_params: Any, quantized: jax.Array, images: jax.Array, gan_on):
+    def generator_loss(params: Any, d_params: Any, quantized: jax.Array, images: jax.Array, gan_on: jax.Array):
         recon = vqgan.apply({"params": params}, quantized, method=vqgan.decode)
         rec = jnp.zeros((), jnp.float32)
         if l1_w:
@@ -132,7 +132,7 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
 
 
 def make_init(vqgan: Any, disc: Any, tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-              image_shape) -> Callable:
+              image_shape: tuple[int, ...]) -> Callable:
     """init(key) -> boxed TrainState: {"decoder": fresh decoder} (the stage loads the tokenizer's
     decoder over it), a fresh discriminator and its optimizer in `extra`."""
     def init(key: jax.Array):

@@ -88,7 +88,7 @@ class StopSignal:
         if not self.multi_process and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             log.warning("SIGTERM received again: still stopping (at most %.0f s more)", self.remaining())
             return
@@ -219,7 +219,7 @@ def run_stage(run: StageRun, cfg: ml_collections.ConfigDict, stop: StopSignal) -
     return completed
 
 
-def _evaluate(run: StageRun, writer, state: Any, step: int) -> Dict[str, Any]:
+def _evaluate(run: StageRun, writer: Any, state: Any, step: int) -> Dict[str, Any]:
     """Runs the stage's quality evaluation; numeric results go to TensorBoard under eval/."""
     report = run.eval_fn(state, step)
     writer.scalars(step, {f"eval/{k}": v for k, v in report.items()
@@ -227,7 +227,7 @@ def _evaluate(run: StageRun, writer, state: Any, step: int) -> Dict[str, Any]:
     return report
 
 
-def _write_samples(run: StageRun, writer, state: Any, step: int) -> None:
+def _write_samples(run: StageRun, writer: Any, state: Any, step: int) -> None:
     grid = run.sample_fn(state, step)
     if grid is None or jax.process_index() != 0:
         return

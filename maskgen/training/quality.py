@@ -24,7 +24,7 @@ def supports_quality(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.dataset.name in QUALITY_DATASETS
 
 
-def _reconstruct_fn(bundle):
+def _reconstruct_fn(bundle: Any):
     import jax
     tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
 
@@ -36,7 +36,7 @@ def _reconstruct_fn(bundle):
     return lambda images_uint8: np.asarray(run(jnp.asarray(images_uint8, jnp.float32) / 255.0))
 
 
-def code_usage(bundle, images_uint8: np.ndarray, batch_size: int = 500) -> dict:
+def code_usage(bundle: Any, images_uint8: np.ndarray, batch_size: int = 500) -> dict:
     """codebook_usage and codebook_perplexity of the tokenizer's ids over `images` (uint8 batches)."""
     import jax
     from maskgen.models import quantizers
@@ -58,8 +58,9 @@ def code_usage(bundle, images_uint8: np.ndarray, batch_size: int = 500) -> dict:
                 codebook_perplexity=float(stats["perplexity"]))
 
 
-def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, data_dir=None,
-                   batch_size: int = 250, sampling_overrides=None, progress: bool = True) -> dict:
+def quality_report(bundle: Any, per_class: int = 100, seed: int = 0, cache_dir: str | None = None,
+                   data_dir: str | None = None,
+                   batch_size: int = 250, sampling_overrides: dict | None = None, progress: bool = True) -> dict:
     """Class accuracy, Fréchet distance (+ floor) and reconstruction error of a Fashion-MNIST bundle."""
     from maskgen import data
     from maskgen.eval.fashion import fashion_quality
@@ -102,7 +103,7 @@ def quality_report(bundle, per_class: int = 100, seed: int = 0, cache_dir=None, 
     return report, samples
 
 
-def write_report(report: dict, path) -> None:
+def write_report(report: dict, path: str) -> None:
     text = json.dumps(report, indent=1, default=float)
     paths.write_text(path, text)
 
@@ -116,5 +117,5 @@ def format_report(report: dict) -> str:
             f"codebook usage {report.get('codebook_usage', float('nan')):.1%}")
 
 
-def default_cache_dir(workdir) -> str:
+def default_cache_dir(workdir: str) -> str:
     return paths.join(workdir, "eval_cache")

@@ -38,14 +38,14 @@ class StageStart:
     data_state: Optional[dict]  # the saved input position, None for a fresh start
     resumed_step: Optional[int]  # None for a fresh start
 
-    def resume_iterator(self, data_iter) -> None:
+    def resume_iterator(self, data_iter: Any) -> None:
         """Moves `data_iter` to the position saved with the restored state (no-op on a fresh start)."""
         if self.data_state is not None:
             data_iter.set_state(iterators.local_state(self.data_state))
 
 
 def restore_or_init(stage: str, cfg: ml_collections.ConfigDict, workdir: str, init: Callable, mesh: Mesh,
-                    rules) -> StageStart:
+                    rules: Any) -> StageStart:
     """The stage's latest readable checkpoint in WORKDIR/<stage>, else a fresh state.
 
     `init(key) -> boxed TrainState`; a fresh state uses the key of the PRNG

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import ml_collections
-from typing import Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
 import numpy as np
@@ -32,7 +32,7 @@ def cache_path(workdir: str) -> str:
                         f"train-{jax.process_index():05d}-of-{jax.process_count():05d}.npz")
 
 
-def _meta(cfg: ml_collections.ConfigDict, grid, tokenizer_dir, tokenizer_step) -> Dict:
+def _meta(cfg: ml_collections.ConfigDict, grid: tuple[int, int], tokenizer_dir: str, tokenizer_step: int) -> Dict:
     meta = dict(dataset=str(cfg.dataset.name), data_dir=cfg.dataset.data_dir,
                 split=str(cfg.dataset.train_split), image_size=int(cfg.image_size),
                 channels=int(cfg.image_channels), grid=list(grid), tokenizer_dir=str(tokenizer_dir),
@@ -63,13 +63,13 @@ def _local_image_batches(cfg: ml_collections.ConfigDict, batch: int) -> Iterator
     yield from grain_it
 
 
-def _encode_all(batches, encode_fn: Callable, mesh: jax.sharding.Mesh, local_batch: int, flip: bool,
+def _encode_all(batches: Any, encode_fn: Callable, mesh: jax.sharding.Mesh, local_batch: int, flip: bool,
                 check_stop: Optional[Callable[[], None]] = None):
     """Encodes every batch; batch k+1 is read while batch k is encoded (one batch in flight)."""
     tokens, flipped, labels = [], [], []
     bar = tqdm.tqdm(desc="pre-tokenising", unit="img", disable=jax.process_index() != 0, mininterval=2.0)
 
-    def collect(pending) -> None:
+    def collect(pending: Any) -> None:
         codes, n, label = pending
         rows = [shd.local_rows(c)[:n].reshape(n, -1) for c in codes]
         tokens.append(rows[0])
@@ -104,7 +104,7 @@ def _encode_all(batches, encode_fn: Callable, mesh: jax.sharding.Mesh, local_bat
 
 
 def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, encode_fn: Callable, mesh: jax.sharding.Mesh,
-                  global_batch: int, grid,
+                  global_batch: int, grid: tuple[int, int],
                   tokenizer_dir: str, tokenizer_step: int,
                   check_stop: Optional[Callable[[], None]] = None) -> Dict[str, Optional[np.ndarray]]:
     """Tokens of this process's shard of the train split, encoded once and cached on disk.

@@ -116,7 +116,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
         (g_gan,) = vjp((jnp.zeros(()), jnp.ones(())))
         return gan_w * vq_losses.adaptive_gan_weight(g_rec, g_gan)
 
-    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on, weight: float):
+    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on: jax.Array, weight: float):
         recon, aux = vqgan.apply({"params": params}, images)
         rec = reconstruction(images, recon)
         total = rec + aux["quantizer_loss"]
@@ -209,7 +209,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
 
 
 def make_init(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransformation,
-              disc_tx: optax.GradientTransformation, image_shape,
+              disc_tx: optax.GradientTransformation, image_shape: tuple[int, ...],
               tcfg: ml_collections.ConfigDict | None = None) -> Callable:
     """init(key) -> boxed TrainState with discriminator parameters and optimizer in `extra`
     (and the codes' usage EMA, starting at uniform use, when dead codes are restarted)."""

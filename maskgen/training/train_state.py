@@ -47,7 +47,7 @@ def new_state(params: Any, tx: Any, extra: Optional[Dict[str, Any]] = None) -> T
 
 
 def abstract_and_shardings(init_fn: Callable[[jax.Array], Any], mesh: jax.sharding.Mesh,
-                           rules=shd.RULES) -> tuple[Any, Any]:
+                           rules: Any = shd.RULES) -> tuple[Any, Any]:
     """(unboxed abstract state, NamedSharding tree) of `init_fn(key)` without computing it."""
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
     abstract = nn.meta.unbox(boxed)
@@ -67,7 +67,7 @@ def materialize(init_fn: Callable[[jax.Array], Any], key: jax.Array, shardings: 
 
 
 def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: jax.sharding.Mesh,
-                 rules=shd.RULES) -> tuple[Any, Any, Any]:
+                 rules: Any = shd.RULES) -> tuple[Any, Any, Any]:
     """(state, shardings, abstract): `abstract_and_shardings` then `materialize`."""
     abstract, shardings = abstract_and_shardings(init_fn, mesh, rules)
     return materialize(init_fn, key, shardings), shardings, abstract

@@ -162,7 +162,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
             lock.release()
 
 
-def _run_stages(cfg: ml_collections.ConfigDict, workdir, mesh: Mesh, stages, builders) -> "TrainResult":
+def _run_stages(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, stages: Sequence[str],
+                builders: Any) -> "TrainResult":
     stop = StopSignal()
     results = TrainResult()
     try:

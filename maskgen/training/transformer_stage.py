@@ -42,7 +42,8 @@ STAGE = "transformer"
 ENCODE_BATCH = 512  # images per pre-tokenisation call
 
 
-def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd.RULES) -> tuple[nn.Module, dict]:
+def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh,
+                           rules: Any = shd.RULES) -> tuple[nn.Module, dict]:
     """(tokenizer module, {"ema_params": sharded ShapeDtypeStructs}) for partial restores."""
     model = tokenizer_model(cfg)
     shape = (1, cfg.image_size, cfg.image_size, cfg.image_channels)
@@ -53,7 +54,7 @@ def tokenizer_param_target(cfg: ml_collections.ConfigDict, mesh: Mesh, rules=shd
     return model, {"ema_params": train_state.sharded_abstract(abstract, shardings)}
 
 
-def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules=shd.RULES,
+def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules: Any = shd.RULES,
                    with_decoder_stage: bool = True) -> tuple[nn.Module, Any, str, int]:
     """(tokenizer module, EMA params sharded on `mesh`, stage directory, step).
 
@@ -84,7 +85,7 @@ def _encoder(tokenizer: nn.Module, params: Any, mesh: Mesh):
     """Jitted images [B,H,W,C] (batch-sharded) -> token ids [B,h,w] with fixed parameters."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
 
-    def encode(p, images: jax.Array):
+    def encode(p: Any, images: jax.Array):
         return tokenizer.apply({"params": p}, images, method=tokenizer.encode_to_indices)
     jitted = jax.jit(encode, in_shardings=(param_sh, shd.batch_sharding(mesh, 4)),
                      out_shardings=shd.batch_sharding(mesh, 3))
@@ -100,7 +101,8 @@ def decode_config(cfg: ml_collections.ConfigDict, layout: TokenLayout) -> Decode
     return decode_config_from(cfg.sampling, token_grid(cfg), **overrides)
 
 
-def make_sampler(cfg: ml_collections.ConfigDict, model: nn.Module, layout, tokenizer: nn.Module, tok_params: Any,
+def make_sampler(cfg: ml_collections.ConfigDict, model: nn.Module, layout: TokenLayout, tokenizer: nn.Module,
+                 tok_params: Any,
                  mesh: Mesh, num: int = 8) -> Callable:
     """(state, step) -> uint8 grid of `num` class-conditional samples from the EMA params.
 
@@ -187,8 +189,9 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
         tokens_per_example=length, sample_fn=sample_fn, eval_fn=eval_fn)
 
 
-def make_quality_eval(cfg: ml_collections.ConfigDict, workdir, model: nn.Module, layout, tokenizer: nn.Module,
-                      tok_params: Any, grid) -> Callable:
+def make_quality_eval(cfg: ml_collections.ConfigDict, workdir: str, model: nn.Module, layout: TokenLayout,
+                      tokenizer: nn.Module,
+                      tok_params: Any, grid: tuple[int, int]) -> Callable:
     """(state, step) -> quality report of the EMA transformer (Fashion-MNIST class accuracy, Fréchet)."""
     per_class = max(1, int(cfg.eval_num_samples) // layout.num_real_classes)
 
