@@ -87,7 +87,7 @@ class _Convention:
     squeeze: bool
 
 
-def _read_image(image: jax.Array, channels: int):
+def _read_image(image: Image.Image | jax.typing.ArrayLike, channels: int):
     """Image -> (float64 [H, W, C] in [0, 1], convention)."""
     if isinstance(image, Image.Image):
         mode = "L" if channels == 1 else "RGB"
@@ -296,8 +296,8 @@ def _pixels_of(model: Any, tokens: jax.Array):
 
 # ----------------------------------------------------------------------------- edits
 
-def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id: int | None = None, seed: int = 0,
-            steps: int | None = None,
+def inpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, mask: jax.typing.ArrayLike,
+            class_id: int | None = None, seed: int = 0, steps: int | None = None,
             start_step: int | None = None, guidance: Any | None = None,
             recap: RecapConfig | None = None, paste_back: bool = True, feather: Optional[int] = None,
             dilation: int = 1,
@@ -355,7 +355,8 @@ def inpaint(model: Any, image: jax.Array, mask: jax.Array, class_id: int | None 
                       tokens_after=after, token_mask=regenerate, class_id=class_id)
 
 
-def edit_class(model: Any, image: jax.Array, box: Any, class_id: int, seed: int = 0, steps: int | None = None,
+def edit_class(model: Any, image: Image.Image | jax.typing.ArrayLike, box: Any, class_id: int, seed: int = 0,
+               steps: int | None = None,
                start_step: int | None = None,
                **kwargs) -> EditResult:
     """Re-generates the region `box` (or a pixel mask) as class `class_id`.
@@ -398,9 +399,10 @@ def _to_tokens(value: Any, factor: int, unit: str, name: str):
     return out[0] if scalar else tuple(out)
 
 
-def outpaint(model: Any, image: jax.Array, class_id: int | None = None, direction: str | None = None,
+def outpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, class_id: int | None = None,
+             direction: str | None = None,
              amount: float | None = None,
-             canvas: jax.Array | None = None, offset: int | None = None,
+             canvas: jax.typing.ArrayLike | None = None, offset: int | None = None,
              unit: str = "pixels", seed: int = 0, steps: int | None = None, start_step: int | None = None,
              guidance: Any | None = None, recap: RecapConfig | None = None,
              overlap: int | None = None, paste_back: bool = True, feather: Optional[int] = None,

@@ -117,7 +117,8 @@ class Sampler:
         """ids [B, L] (class token at 0, unknown = mask id) -> (tokens [B,h,w], uint8 images)."""
         return self._jitted(self.bundle.params, jnp.asarray(ids, jnp.int32), keys)
 
-    def generate(self, labels: jax.Array, seed: int = 0, batch_size: int = 64, progress: bool = True) -> dict:
+    def generate(self, labels: jax.typing.ArrayLike, seed: int = 0, batch_size: int = 64,
+                 progress: bool = True) -> dict:
         """Samples one image per label. Returns images uint8 [N,H,W,C], labels [N], tokens [N,h,w].
 
         Every batch is padded to `batch_size` so one program serves all batches.

@@ -129,8 +129,8 @@ def _zero():
     return jnp.zeros((), jnp.float32)
 
 
-def _aux(ids: jax.Array, raw: Any, latent: jax.Array, codebook_loss: float, commitment_loss: float,
-         entropy_loss: float):
+def _aux(ids: jax.Array, raw: Any, latent: jax.Array, codebook_loss: jax.Array, commitment_loss: jax.Array,
+         entropy_loss: jax.Array):
     return dict(encoding_indices=ids, raw=raw, latent=latent, codebook_loss=codebook_loss,
                 commitment_loss=commitment_loss, entropy_loss=entropy_loss,
                 quantizer_loss=codebook_loss + commitment_loss + entropy_loss)
@@ -283,7 +283,7 @@ def fsq_bound(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return jnp.tanh(z + shift) * half_l - offset
 
 
-def _fsq_half_width(levels: int):
+def _fsq_half_width(levels: Sequence[int]):
     return jnp.asarray([v // 2 for v in levels], jnp.float32)
 
 
@@ -293,7 +293,7 @@ def fsq_quantize(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return _straight_through(bounded, jnp.round(bounded)) / _fsq_half_width(levels)
 
 
-def _fsq_basis(levels: int):
+def _fsq_basis(levels: Sequence[int]):
     basis = [1]
     for v in levels[:-1]:
         basis.append(basis[-1] * v)

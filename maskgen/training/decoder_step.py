@@ -86,7 +86,7 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
         metrics["loss"] = total
         return total, (metrics, recon)
 
-    def disc_loss(d_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: float):
+    def disc_loss(d_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: vq_losses.LeCamEMA):
         real, _ = disc_apply(d_params, images)
         fake, _ = disc_apply(d_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, kind)

@@ -116,7 +116,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
         (g_gan,) = vjp((jnp.zeros(()), jnp.ones(())))
         return gan_w * vq_losses.adaptive_gan_weight(g_rec, g_gan)
 
-    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on: jax.Array, weight: float):
+    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on: jax.Array, weight: jax.Array):
         recon, aux = vqgan.apply({"params": params}, images)
         rec = reconstruction(images, recon)
         total = rec + aux["quantizer_loss"]
@@ -135,7 +135,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
                        **quantizers.usage_stats(counts))
         return total, (metrics, (recon, counts, jax.lax.stop_gradient(aux["latent"])))
 
-    def disc_loss(disc_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: float):
+    def disc_loss(disc_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: vq_losses.LeCamEMA):
         real = disc_apply(disc_params, images)
         fake = disc_apply(disc_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, gan_kind)
