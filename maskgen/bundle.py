@@ -44,7 +44,7 @@ class Bundle:
     steps: Dict[str, int]  # the checkpoint step each part came from
 
 
-def _split_path(path: str):
+def _split_path(path: str) -> tuple[str, int | None]:
     """(workdir, transformer step or None) for a workdir, stage dir or step dir."""
     path = paths.normalize(path)  # local or gs://
     if not paths.is_dir(path):
@@ -69,14 +69,14 @@ def _config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.C
     return config_io.read_config(workdir)
 
 
-def _abstract_params(module: nn.Module, example: Any, device: jax.Device):
+def _abstract_params(module: nn.Module, example: Any, device: jax.Device) -> Any:
     boxed = jax.eval_shape(lambda k: module.init(k, example)["params"], jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         nn.meta.unbox(boxed))
 
 
-def _restore_ema(stage_dir: str, abstract: Any, step: Optional[int]):
+def _restore_ema(stage_dir: str, abstract: Any, step: Optional[int]) -> tuple[Any, Any]:
     """EMA params (or plain params when the checkpoint has none) of `step` / the latest step."""
     if not paths.is_dir(stage_dir):
         raise ValueError(f"missing checkpoint directory {stage_dir}")

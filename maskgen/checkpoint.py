@@ -192,7 +192,7 @@ class StageCheckpoints:
             f"{io_cause(err)}; {survivors}. Fix the cause (free space, permissions, the directory) and "
             "rerun the same command to resume") from err
 
-    def _finalized_steps(self):
+    def _finalized_steps(self) -> list[int]:
         try:
             return sorted(int(p.name) for p in epath.Path(self.directory).iterdir() if p.name.isdigit())
         except OSError:

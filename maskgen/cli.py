@@ -171,7 +171,7 @@ def run(main: Callable[[Optional[Sequence[str]]], Optional[int]],
     sys.exit(EXIT_OK if code is None else int(code))
 
 
-def _absl_flags_parser(argv: Sequence[str]):
+def _absl_flags_parser(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing with a one-line message and exit 2 (absl itself exits 1)."""
     from absl import flags
     try:
@@ -191,7 +191,7 @@ def run_absl(main: Callable[[Sequence[str]], Optional[int]]) -> NoReturn:
     """`absl.app.run(main)` with maskgen's exit codes and one-line user errors."""
     from absl import app
 
-    def wrapped(argv: Sequence[str]):
+    def wrapped(argv: Sequence[str]) -> int | None:
         try:
             code = main(argv)
         except app.UsageError as err:

@@ -41,7 +41,7 @@ def build_model(kind: str, cfg: ml_collections.ConfigDict) -> Any:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def _example_input(kind: str, cfg: ml_collections.ConfigDict):
+def _example_input(kind: str, cfg: ml_collections.ConfigDict) -> jax.Array:
     if kind == "tokenizer":
         return jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.image_channels), jnp.float32)
     return jnp.zeros((1, seq_len(cfg)), jnp.int32)

@@ -60,7 +60,7 @@ def add_edit_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         flags.DEFINE_integer("seed", 0, "editing seed", **fv)
 
 
-def _value(flag_values: flags.FlagValues, name: str, default: Any | None = None):
+def _value(flag_values: flags.FlagValues, name: str, default: Any | None = None) -> Any:
     return flag_values[name].value if name in flag_values else default
 
 
@@ -113,7 +113,7 @@ def load_mask(path: str) -> np.ndarray:
     raise ValueError(f"--mask must be a .png or .npy file, got {path}")
 
 
-def _region(flag_values: flags.FlagValues, mode: str):
+def _region(flag_values: flags.FlagValues, mode: str) -> Any:
     mask_path, box = _value(flag_values, "mask"), _value(flag_values, "box")
     if mode == "outpaint":
         if mask_path or box:

@@ -87,7 +87,7 @@ class _Convention:
     squeeze: bool
 
 
-def _read_image(image: Image.Image | jax.typing.ArrayLike, channels: int):
+def _read_image(image: Image.Image | jax.typing.ArrayLike, channels: int) -> tuple[np.ndarray, _Convention]:
     """Image -> (float64 [H, W, C] in [0, 1], convention)."""
     if isinstance(image, Image.Image):
         mode = "L" if channels == 1 else "RGB"
@@ -115,7 +115,7 @@ def _read_image(image: Image.Image | jax.typing.ArrayLike, channels: int):
     raise ValueError(f"image dtype {array.dtype} is not supported: use uint8 or float in [0, 1]")
 
 
-def _write_image(pixels: np.ndarray, convention: _Convention):
+def _write_image(pixels: np.ndarray, convention: _Convention) -> Image.Image | np.ndarray:
     """float [H, W, C] in [0, 1] -> the caller's convention."""
     if convention.pil_mode is not None or np.issubdtype(convention.dtype, np.integer):
         out = np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(convention.dtype)
@@ -149,18 +149,18 @@ def _size_error(size: tuple[int, int], model_size: tuple[int, int]) -> ValueErro
 # ----------------------------------------------------------------------------- model calls
 
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(tokenizer: Any, params: Any, images: jax.Array):
+def _encode(tokenizer: Any, params: Any, images: jax.Array) -> jax.Array:
     return tokenizer.apply({"params": params}, images, method="encode_to_indices")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _render(tokenizer: Any, params: Any, tokens: jax.Array):
+def _render(tokenizer: Any, params: Any, tokens: jax.Array) -> jax.Array:
     images = tokenizer.apply({"params": params}, tokens, method="decode_from_indices")
     return jnp.clip(images, 0.0, 1.0)
 
 
 def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout: Any,
-                     config: ml_collections.ConfigDict, recap: RecapConfig):
+                     config: ml_collections.ConfigDict, recap: RecapConfig) -> jax.Array:
     """ids [1, L] with unknown = mask id -> decoded ids [1, L]."""
     variables = {"params": params}
     n = layout.codebook_size
@@ -176,7 +176,7 @@ def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: A
 @functools.partial(jax.jit, static_argnames=("transformer", "layout", "config", "recap"))
 def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys: jax.Array, class_token: jax.Array, *,
                     transformer: Any, layout: Any, config: ml_collections.ConfigDict,
-                    recap: RecapConfig):
+                    recap: RecapConfig) -> jax.Array:
     """Decodes the unknown tokens of canvas [Hc, Wc] window by window (one XLA loop).
 
     origins [n, 2]: window corners in order; keys [n]: one key per window. Each
@@ -185,7 +185,7 @@ def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys: ja
     """
     window = config.grid_shape
 
-    def body(i: int, canvas: jax.Array):
+    def body(i: int, canvas: jax.Array) -> jax.Array:
         corner = (origins[i, 0], origins[i, 1])
         tokens = jax.lax.dynamic_slice(canvas, corner, window)
         ids = jnp.concatenate([class_token[None], tokens.reshape(-1)])[None]
@@ -264,7 +264,7 @@ def _class_token(layout: Any, class_id: int) -> int:
     return class_id + layout.codebook_size
 
 
-def _keys(seed: int, count: int):
+def _keys(seed: int, count: int) -> jax.Array:
     """`count` window keys: the seed's key itself for one window, fold_in(key, i) for several."""
     key = as_key_array(seed)
     if key.ndim != 0:
@@ -275,7 +275,7 @@ def _keys(seed: int, count: int):
 
 
 def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: jax.Array,
-         config: ml_collections.ConfigDict, recap: RecapConfig):
+         config: ml_collections.ConfigDict, recap: RecapConfig) -> np.ndarray:
     layout = model.layout
     tokens = _decode_windows(
         model.params["transformer"], jnp.asarray(canvas, jnp.int32), jnp.asarray(origins, jnp.int32),
@@ -284,12 +284,12 @@ def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_tok
     return np.asarray(tokens, np.int32)
 
 
-def _tokenise(model: Any, pixels: jax.Array):
+def _tokenise(model: Any, pixels: jax.Array) -> np.ndarray:
     ids = _encode(model.tokenizer, model.params["tokenizer"], jnp.asarray(pixels[None], jnp.float32))
     return np.asarray(ids[0], np.int32)
 
 
-def _pixels_of(model: Any, tokens: jax.Array):
+def _pixels_of(model: Any, tokens: jax.Array) -> np.ndarray:
     images = _render(model.tokenizer, model.params["tokenizer"], jnp.asarray(tokens[None], jnp.int32))
     return np.asarray(images[0], np.float64)
 
@@ -382,7 +382,7 @@ def edit_class(model: Any, image: Image.Image | jax.typing.ArrayLike, box: Any, 
                    **kwargs)
 
 
-def _to_tokens(value: Any, factor: int, unit: str, name: str):
+def _to_tokens(value: Any, factor: int, unit: str, name: str) -> Any:
     """Pixel (or token) lengths -> tokens; pixels must be whole tokens."""
     if value is None:
         return None

@@ -7,7 +7,7 @@ does not change with the batch size used to produce it.
 """
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +91,7 @@ class Sampler:
     def __post_init__(self):
         self._jitted = jax.jit(self._run)
 
-    def _logit_fns(self, params: Any):
+    def _logit_fns(self, params: Any) -> tuple[Callable, Callable, Callable]:
         model, n = self.bundle.transformer, self.bundle.layout.codebook_size
         variables = {"params": params["transformer"]}
         full = lambda ids: model.apply(variables, ids, num_logits=n, method="forward_with_kv")  # noqa: E731
@@ -100,7 +100,7 @@ class Sampler:
         plain = lambda ids: model.apply(variables, ids, num_logits=n)  # noqa: E731
         return plain, full, cheap
 
-    def _run(self, params: Any, ids: jax.Array, keys: jax.Array):
+    def _run(self, params: Any, ids: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
         plain, full, cheap = self._logit_fns(params)
         layout = self.bundle.layout
         if self.recap is None:

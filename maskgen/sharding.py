@@ -167,7 +167,7 @@ def logical_specs(boxed_tree: Any) -> Any:
 def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
                    rules: Mapping[str, Sequence[Any]] = RULES) -> Any:
     """NamedShardings for `abstract_tree` (unboxed shapes) from matching logical specs."""
-    def one(spec: PartitionSpec, leaf: jax.Array):
+    def one(spec: PartitionSpec, leaf: jax.Array) -> NamedSharding:
         return NamedSharding(mesh, resolve_spec(tuple(spec), leaf.shape, mesh, rules))
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=_is_spec)
 
@@ -196,7 +196,7 @@ def global_batch(local_batch: int, mesh: Mesh) -> Any:
     Every process passes its own `local_batch` (leading dimension = global batch /
     process count); with one process this is a plain sharded device_put.
     """
-    def one(x: jax.Array):
+    def one(x: jax.Array) -> jax.Array:
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
@@ -263,7 +263,7 @@ def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argn
     mesh = mesh_of(in_shardings)
 
     @functools.wraps(fn)
-    def traced(*args, **kwargs):
+    def traced(*args, **kwargs) -> Any:
         with activation_sharding(mesh, activation_rules):
             return fn(*args, **kwargs)
 

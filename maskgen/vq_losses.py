@@ -22,7 +22,7 @@ GAN_LOSS_KINDS = ("non_saturating", "hinge")
 RECONSTRUCTION_KINDS = ("l1", "l2")
 
 
-def _f32(x: jax.Array):
+def _f32(x: jax.Array) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
 
 
@@ -108,7 +108,7 @@ def lecam_loss(real_logits: jax.Array, fake_logits: jax.Array, ema: LeCamEMA,
     return loss, new_ema
 
 
-def _global_norm(tree: Any):
+def _global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(_f32(x))) for x in jax.tree_util.tree_leaves(tree)))
 
 
@@ -135,7 +135,7 @@ def perceptual_loss(features_fn: FeatureFn, target: jax.Array, prediction: jax.A
     `normalize`, features are scaled to unit L2 norm over channels first (as
     LPIPS does, without its learned channel weights).
     """
-    def as_list(f: Any):
+    def as_list(f: Any) -> list:
         return [f] if isinstance(f, jax.Array) or hasattr(f, "shape") else list(f)
 
     total = jnp.zeros((), jnp.float32)

@@ -94,7 +94,7 @@ def cudnn_export(cudnn_version: int = 90800) -> Iterator[None]:
 CUDNN_CUSTOM_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
-def _context_mesh():
+def _context_mesh() -> Any:
     """The mesh of a `jax.set_mesh` block (concrete, else abstract), or None.
 
     `jax.sharding.get_mesh` refuses to run under `jit`, so the concrete mesh is
@@ -231,7 +231,7 @@ def attend(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dty
 
 
 def _attend_scan(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
-                 keep_HxBxNxL: jax.Array | None, keep_prob: float):
+                 keep_HxBxNxL: jax.Array | None, keep_prob: float) -> jax.Array:
     """Today's CPU kernel: per-head lax.scan with the flash-style custom VJP."""
     scale = jnp.asarray(1.0 / np.sqrt(q_BxNxHxK.shape[-1]), q_BxNxHxK.dtype)
     q_HxBxNxK, k_HxBxLxK, v_HxBxLxK = (
@@ -242,7 +242,7 @@ def _attend_scan(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Arra
 
 
 def _attend_xla(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
-                keep_HxBxNxL: jax.Array | None, keep_prob: float):
+                keep_HxBxNxL: jax.Array | None, keep_prob: float) -> jax.Array:
     """jax.nn.dot_product_attention on XLA; with dropout the same one-shot softmax, masked."""
     if keep_HxBxNxL is None:
         return jax.nn.dot_product_attention(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, implementation="xla").astype(dtype)
@@ -254,11 +254,12 @@ def _attend_xla(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array
     return out.astype(dtype)
 
 
-def _pad_axis1(x: jax.Array, size: int):
+def _pad_axis1(x: jax.Array, size: int) -> jax.Array:
     return x if x.shape[1] == size else jnp.pad(x, [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _attend_cudnn(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike):
+def _attend_cudnn(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array,
+                  dtype: jax.typing.DTypeLike) -> jax.Array:
     """cuDNN flash attention; odd lengths are padded to even under cuDNN's padding mask.
 
     Why pad: jax's cuDNN backward rule rejects odd query or key lengths
@@ -288,7 +289,7 @@ def _splash_block(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool) -> Any:
     """A splash kernel for [heads, q_len, K] x [heads, kv_len, K] (padded lengths), full mask."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
     bq, bkv = _splash_block(q_len), _splash_block(kv_len)
@@ -308,7 +309,7 @@ SPLASH_BATCH_AXES = ("data", "fsdp")
 SPLASH_HEAD_AXES = ("tensor",)
 
 
-def _split(mesh_shape: dict, candidates: tuple, size: int):
+def _split(mesh_shape: dict, candidates: tuple, size: int) -> Any:
     """The present (size > 1) axes of `candidates` if together they divide `size`, as the rules do."""
     group = tuple(a for a in candidates if mesh_shape.get(a, 1) > 1)
     if not group or size % math.prod(mesh_shape[a] for a in group):
@@ -324,7 +325,7 @@ def splash_spec(mesh: jax.sharding.Mesh, batch: int, heads: int) -> jax.sharding
 
 
 def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
-                   mesh: jax.sharding.Mesh, interpret: bool):
+                   mesh: jax.sharding.Mesh, interpret: bool) -> jax.Array:
     """Splash attention: pad to multiples of 128, pad keys in segment 1, shard_map over the mesh.
 
     Pad queries stay in segment 0 (they see the real keys), so no row of the
@@ -341,7 +342,7 @@ def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Ar
     segments = SegmentIds(q=jnp.zeros((q_len,), jnp.int32),
                           kv=(jnp.arange(kv_len) >= keys).astype(jnp.int32))
 
-    def local(q_BxHxNxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array):
+    def local(q_BxHxNxK: jax.Array, k_BxHxLxK: jax.Array, v_BxHxLxK: jax.Array) -> jax.Array:
         kernel = _splash_kernel(q_BxHxNxK.shape[1], q_len, kv_len, interpret)
         return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q_BxHxNxK, k_BxHxLxK, v_BxHxLxK, segments)
 
@@ -354,7 +355,7 @@ def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Ar
 
 
 def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Array, k_BxLxK: jax.Array,
-                  v_BxLxK: jax.Array, keep_BxNxL: jax.Array):
+                  v_BxLxK: jax.Array, keep_BxNxL: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One head: (output [B, N, K] in `dtype`, log-sum-exp [B, N, 1] in float32)."""
     logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
@@ -366,8 +367,8 @@ def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Ar
 
 
 def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
-                keep: jax.Array):
-    def body(_: Any, head: jax.Array):
+                keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def body(_: Any, head: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, _head_forward(dtype, keep_prob, *head)
     xs = (q, k, v, keep)
     return lax.scan(body, None, xs)[1]
@@ -375,22 +376,23 @@ def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attend_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q_HxBxNxK: jax.Array, k_HxBxLxK: jax.Array,
-                  v_HxBxLxK: jax.Array, keep_HxBxNxL: jax.Array):
+                  v_HxBxLxK: jax.Array, keep_HxBxNxL: jax.Array) -> jax.Array:
     return _scan_heads(dtype, keep_prob, q_HxBxNxK, k_HxBxLxK, v_HxBxLxK, keep_HxBxNxL)[0]
 
 
 def _attend_heads_fwd(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
-                      keep: jax.Array):
+                      keep: jax.Array) -> tuple[jax.Array, tuple]:
     out, lse = _scan_heads(dtype, keep_prob, q, k, v, keep)
     return out, (q, k, v, keep, out, lse)
 
 
-def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: jax.Array, g_HxBxNxK: jax.Array):
+def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: jax.Array,
+                      g_HxBxNxK: jax.Array) -> tuple:
     q, k, v, keep, out, lse = residuals
     # sum_l dP * P per query equals sum_k dOut * Out (Out is P @ V).
     delta_HxBxNx1 = jnp.sum(g_HxBxNxK.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
 
-    def one_head(_: Any, head: jax.Array):
+    def one_head(_: Any, head: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array, jax.Array]]:
         q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL, lse_BxNx1, g_BxNxK, delta_BxNx1 = head
         logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
         probs = jnp.exp(logits - lse_BxNx1)

@@ -28,7 +28,7 @@ Dtype = Any
 _init = nn.initializers.xavier_uniform()
 
 
-def _leaky_relu(x: jax.Array):
+def _leaky_relu(x: jax.Array) -> jax.Array:
     return jax.nn.leaky_relu(x, negative_slope=0.2)
 
 

@@ -98,11 +98,11 @@ def usage_stats(counts: ArrayLike) -> Dict[str, jax.Array]:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-6):
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
-def _straight_through(z: jax.Array, q: jax.Array):
+def _straight_through(z: jax.Array, q: jax.Array) -> jax.Array:
     """Forward value q, gradient of the identity to z."""
     return z + jax.lax.stop_gradient(q - z)
 
@@ -125,12 +125,12 @@ def squared_distances(z_NxD: ArrayLike, codebook_KxD: ArrayLike) -> jax.Array:
     return z_sq - 2 * cross + c_sq
 
 
-def _zero():
+def _zero() -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
 def _aux(ids: jax.Array, raw: Any, latent: jax.Array, codebook_loss: jax.Array, commitment_loss: jax.Array,
-         entropy_loss: jax.Array):
+         entropy_loss: jax.Array) -> Dict[str, jax.Array]:
     return dict(encoding_indices=ids, raw=raw, latent=latent, codebook_loss=codebook_loss,
                 commitment_loss=commitment_loss, entropy_loss=entropy_loss,
                 quantizer_loss=codebook_loss + commitment_loss + entropy_loss)
@@ -221,7 +221,7 @@ def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.A
     d2 = jnp.where(jnp.any(live), jnp.min(jnp.where(live[None], squared_distances(x, old), jnp.inf), 1),
                    jnp.inf)
 
-    def seed(k: jax.Array, carry: Any):
+    def seed(k: jax.Array, carry: Any) -> tuple[jax.Array, jax.Array]:
         centres, d2 = carry
         finite = jnp.isfinite(d2)
         weights = jnp.where(finite, jnp.maximum(d2, 0.0), 1.0)
@@ -233,7 +233,7 @@ def kmeans_codebook(features_NxD: ArrayLike, codebook_KxD: jax.Array, key: jax.A
 
     centres, _ = jax.lax.fori_loop(0, num_codes, seed, (old, d2))
 
-    def lloyd(_: Any, centres: jax.Array):
+    def lloyd(_: Any, centres: jax.Array) -> jax.Array:
         assign = jnp.argmin(squared_distances(x, centres), axis=-1)
         sums = jax.ops.segment_sum(x, assign, num_segments=num_codes)
         counts = jax.ops.segment_sum(jnp.ones(x.shape[0], jnp.float32), assign, num_segments=num_codes)
@@ -283,7 +283,7 @@ def fsq_bound(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return jnp.tanh(z + shift) * half_l - offset
 
 
-def _fsq_half_width(levels: Sequence[int]):
+def _fsq_half_width(levels: Sequence[int]) -> jax.Array:
     return jnp.asarray([v // 2 for v in levels], jnp.float32)
 
 
@@ -293,7 +293,7 @@ def fsq_quantize(z: jax.Array, levels: Sequence[int]) -> jax.Array:
     return _straight_through(bounded, jnp.round(bounded)) / _fsq_half_width(levels)
 
 
-def _fsq_basis(levels: Sequence[int]):
+def _fsq_basis(levels: Sequence[int]) -> jax.Array:
     basis = [1]
     for v in levels[:-1]:
         basis.append(basis[-1] * v)
@@ -319,10 +319,10 @@ class _Projected(nn.Module):
             self.project_in = _dense(dim, self.param_dtype, "project_in")
             self.project_out = _dense(self.embedding_dim, self.param_dtype, "project_out")
 
-    def _in(self, z: jax.Array, dim: int):
+    def _in(self, z: jax.Array, dim: int) -> jax.Array:
         return z if dim == self.embedding_dim else self.project_in(z).astype(jnp.float32)
 
-    def _out(self, q: jax.Array, dim: int):
+    def _out(self, q: jax.Array, dim: int) -> jax.Array:
         return q if dim == self.embedding_dim else self.project_out(q).astype(jnp.float32)
 
 

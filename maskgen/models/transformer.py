@@ -43,18 +43,18 @@ LN_EPS = 1e-12  # BERT's LayerNorm epsilon, as the official model uses
 _init = nn.initializers.truncated_normal(0.02)
 
 
-def _param(init: Callable, names: Any):
+def _param(init: Callable, names: Any) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
-def _layer_norm(name: str, dtype: jax.typing.DTypeLike, param_dtype: jax.typing.DTypeLike):
+def _layer_norm(name: str, dtype: jax.typing.DTypeLike, param_dtype: jax.typing.DTypeLike) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
         scale_init=_param(nn.initializers.ones, (axes.NORM,)),
         bias_init=_param(nn.initializers.zeros, (axes.NORM,)))
 
 
-def _gelu(x: jax.Array):
+def _gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)  # tanh form, as the official model
 
 
@@ -109,7 +109,7 @@ class SelfAttention(nn.Module):
     def setup(self) -> None:
         self.head_dim = self.hidden_size // self.num_heads
 
-        def proj(name: str):
+        def proj(name: str) -> nn.DenseGeneral:
             return nn.DenseGeneral(
                 (self.num_heads, self.head_dim), dtype=self.dtype, param_dtype=self.param_dtype, name=name,
                 kernel_init=_param(_init, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
@@ -286,12 +286,12 @@ class Transformer(nn.Module):
     def mask_id(self) -> int:
         return self.vocab_size - 1
 
-    def _canonical(self, ids: jax.Array):
+    def _canonical(self, ids: jax.Array) -> jax.Array:
         ids = jnp.asarray(ids, jnp.int32)
         return jnp.where(ids == OFFICIAL_MASK_ID, self.mask_id, ids)
 
     def _run(self, ids: jax.Array, positions: jax.Array, deterministic: bool, num_logits: int,
-             kv: Optional[KVCache] = None):
+             kv: Optional[KVCache] = None) -> tuple[jax.Array, KVCache]:
         x = self.Embed_0(self._canonical(ids), positions, deterministic)
         x = axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         ks, vs = [], []

@@ -254,7 +254,7 @@ class VQGAN(nn.Module):
         side = image_size // self.downsample_factor
         return side, side
 
-    def _check(self, images: jax.Array):
+    def _check(self, images: jax.Array) -> jax.Array:
         return check_images(images, self.image_channels, self.downsample_factor, self.image_size)
 
     def encode(self, images_BxHxWxC: jax.Array) -> Tuple[jax.Array, Any]:

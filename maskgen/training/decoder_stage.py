@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 STAGE = "decoder"
 
 
-def _copy(tree: Any, shardings: Any):
+def _copy(tree: Any, shardings: Any) -> Any:
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
@@ -65,17 +65,17 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
                              (start.shardings, shd.replicated(mesh)), donate_argnums=(0,))
     fixed = {}
 
-    def next_batch():
+    def next_batch() -> Any:
         batch = shd.global_batch(next(data_iter), mesh)
         fixed.setdefault("images", batch["image"])
         return batch
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def reconstruct(decoder_params: Any, images: jax.Array):
+    def reconstruct(decoder_params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         images = images[:8]
         return images, vqgan.apply({"params": {**frozen, **decoder_params}}, images)[0]
 
-    def sample(state: Any, step: int):
+    def sample(state: Any, step: int) -> np.ndarray:
         images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
         return image_grid.float_grid(np.concatenate([images, recon]), cols=len(images))
 

@@ -60,13 +60,14 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
     lecam_w, disc_start, kind = float(tcfg.lecam_weight), int(tcfg.disc_start_step), tcfg.gan_loss
     use_gan = gan_w > 0 or fm_w > 0
 
-    def disc_apply(d_params: Any, images: jax.Array):
+    def disc_apply(d_params: Any, images: jax.Array) -> tuple[jax.Array, list]:
         """(logits, block features) of the discriminator."""
         logits, state = disc.apply({"params": d_params}, images, capture_intermediates=_is_block,
                                    mutable=["intermediates"])
         return logits, jax.tree.leaves(state["intermediates"])
 
-    def generator_loss(params: Any, d_params: Any, quantized: jax.Array, images: jax.Array, gan_on: jax.Array):
+    def generator_loss(params: Any, d_params: Any, quantized: jax.Array, images: jax.Array,
+                       gan_on: jax.Array) -> tuple[jax.Array, tuple]:
         recon = vqgan.apply({"params": params}, quantized, method=vqgan.decode)
         rec = jnp.zeros((), jnp.float32)
         if l1_w:
@@ -86,7 +87,8 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
         metrics["loss"] = total
         return total, (metrics, recon)
 
-    def disc_loss(d_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: vq_losses.LeCamEMA):
+    def disc_loss(d_params: Any, images: jax.Array, recon: jax.Array,
+                  lecam_ema: vq_losses.LeCamEMA) -> tuple[jax.Array, tuple]:
         real, _ = disc_apply(d_params, images)
         fake, _ = disc_apply(d_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, kind)
@@ -97,7 +99,7 @@ def make_train_step(vqgan: Any, disc: Any, tx: optax.GradientTransformation,
             metrics["lecam_loss"] = lecam
         return loss, (metrics, lecam_ema)
 
-    def train_step(state: Any, batch: Any, key: jax.Array, frozen: Any):
+    def train_step(state: Any, batch: Any, key: jax.Array, frozen: Any) -> tuple[Any, dict]:
         del key  # deterministic
         images = batch["image"].astype(jnp.float32)
         tokenizer_params = {k: v for k, v in frozen.items() if k != "decoder"}
@@ -135,7 +137,7 @@ def make_init(vqgan: Any, disc: Any, tx: optax.GradientTransformation, disc_tx: 
               image_shape: tuple[int, ...]) -> Callable:
     """init(key) -> boxed TrainState: {"decoder": fresh decoder} (the stage loads the tokenizer's
     decoder over it), a fresh discriminator and its optimizer in `extra`."""
-    def init(key: jax.Array):
+    def init(key: jax.Array) -> Any:
         k_gen, k_disc = jax.random.split(key)
         images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         params = {"decoder": vqgan.init(k_gen, images)["params"]["decoder"]}

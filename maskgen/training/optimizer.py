@@ -27,7 +27,7 @@ def lr_schedule(learning_rate: float, num_steps: int, warmup_steps: int = 0,
     warmup_steps = int(warmup_steps)
     decay_steps = max(int(num_steps) - warmup_steps, 1)
 
-    def schedule(step: int):
+    def schedule(step: int) -> jax.Array:
         step = jnp.asarray(step, jnp.float32)
         warm = jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1)) if warmup_steps else 1.0
         progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)

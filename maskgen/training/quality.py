@@ -7,7 +7,7 @@ and measures the tokenizer's reconstruction error and its code use on the real t
 split (`codebook_usage`: fraction of the quantizer's codes that some test image's
 tokens use; `codebook_perplexity`: exp entropy of their histogram).
 """
-from typing import Any
+from typing import Any, Callable
 import json
 import time
 
@@ -24,12 +24,12 @@ def supports_quality(cfg: ml_collections.ConfigDict) -> bool:
     return cfg.dataset.name in QUALITY_DATASETS
 
 
-def _reconstruct_fn(bundle: Any):
+def _reconstruct_fn(bundle: Any) -> Callable:
     import jax
     tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
 
     @jax.jit
-    def run(x: np.ndarray):
+    def run(x: np.ndarray) -> jax.Array:
         recon, _ = tok.apply(params, x)
         return jnp.round(jnp.clip(recon, 0, 1) * 255)
 
@@ -44,7 +44,7 @@ def code_usage(bundle: Any, images_uint8: np.ndarray, batch_size: int = 500) -> 
     num_codes = tok.num_codes
 
     @jax.jit
-    def counts(x: np.ndarray):
+    def counts(x: np.ndarray) -> jax.Array:
         ids = tok.apply(params, x, method=tok.encode_to_indices)
         return quantizers.code_counts(ids, num_codes)
 
@@ -87,7 +87,7 @@ def quality_report(bundle: Any, per_class: int = 100, seed: int = 0, cache_dir: 
     sample_seconds = time.perf_counter() - start
     reconstruct, kept = _reconstruct_fn(bundle), []
 
-    def reconstruct_and_keep(batch: Any):
+    def reconstruct_and_keep(batch: Any) -> Any:
         kept.append(reconstruct(batch))
         return kept[-1]
 

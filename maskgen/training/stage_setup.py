@@ -69,7 +69,7 @@ def with_key(step_fn: Callable, seed: int, purpose: str, prng_impl: str = prng.D
     The key is a compile-time constant, so nothing is transferred per step and
     multi-process runs need no replicated key array.
     """
-    def step(state: Any, batch: Any):
+    def step(state: Any, batch: Any) -> Any:
         return step_fn(state, batch, rng.key(seed, purpose, prng_impl))
     return step
 

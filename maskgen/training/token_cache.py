@@ -64,7 +64,7 @@ def _local_image_batches(cfg: ml_collections.ConfigDict, batch: int) -> Iterator
 
 
 def _encode_all(batches: Any, encode_fn: Callable, mesh: jax.sharding.Mesh, local_batch: int, flip: bool,
-                check_stop: Optional[Callable[[], None]] = None):
+                check_stop: Optional[Callable[[], None]] = None) -> Any:
     """Encodes every batch; batch k+1 is read while batch k is encoded (one batch in flight)."""
     tokens, flipped, labels = [], [], []
     bar = tqdm.tqdm(desc="pre-tokenising", unit="img", disable=jax.process_index() != 0, mininterval=2.0)

@@ -47,7 +47,7 @@ def perceptual_features(tcfg: ml_collections.ConfigDict) -> Callable | None:
     from maskgen.eval import inception
     model, params = inception.load_inception(tcfg.perceptual_weights)
 
-    def features(images: jax.Array):
+    def features(images: jax.Array) -> jax.Array:
         x = jnp.broadcast_to(images, images.shape[:3] + (3,)) * 255.0
         x = (inception.resize_bilinear_legacy(x) - 128.0) / 128.0
         return model.apply({"params": params}, x)["pool"]
@@ -62,13 +62,13 @@ def make_reconstructor(vqgan: Any, mesh: Mesh, num: int = 8) -> tuple[Callable, 
     can read it (process 0 writes it).
     """
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def reconstruct(params: Any, images: jax.Array):
+    def reconstruct(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         images = images[:num]
         return images, vqgan.apply({"params": params}, images)[0]
 
     fixed = {}
 
-    def sample(state: Any, step: int):
+    def sample(state: Any, step: int) -> np.ndarray:
         images, recon = jax.device_get(reconstruct(state.ema_params, fixed["images"]))
         return image_grid.float_grid(np.concatenate([images, recon]), cols=len(images))
     return sample, fixed
@@ -87,7 +87,7 @@ def kmeans_init_state(vqgan: Any, state: train_state.TrainState, cfg: ml_collect
     iterations = int(scfg.get("vq_kmeans_iterations", 10))
 
     @functools.partial(jax.jit, out_shardings=(old.sharding, old.sharding))
-    def fit(params: Any, images: jax.Array, key: jax.Array):
+    def fit(params: Any, images: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         latents = jnp.concatenate([vqgan.apply({"params": params}, x, method=vqgan.encode_latents)
                                    .reshape(-1, params["quantizer"]["codebook"].shape[-1]) for x in images])
         codebook = quantizers.kmeans_codebook(latents, params["quantizer"]["codebook"], key, iterations,
@@ -96,7 +96,7 @@ def kmeans_init_state(vqgan: Any, state: train_state.TrainState, cfg: ml_collect
 
     codebooks = fit(state.params, images, rng.key(cfg.seed, "tokenizer_kmeans"))
 
-    def with_codebook(params: Any, codebook: jax.Array):
+    def with_codebook(params: Any, codebook: jax.Array) -> Any:
         return {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
     log.info("%s: vq codebook initialised by k-means on %d encoder vectors", STAGE,
              num_batches * batch * math.prod(vqgan.latent_shape(cfg.image_size)))
@@ -132,7 +132,7 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
     sample_fn, fixed = make_reconstructor(vqgan, mesh)
     batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
 
-    def next_batch():
+    def next_batch() -> Any:
         batch = shd.global_batch(next(data_iter), mesh)
         fixed.setdefault("images", batch["image"])  # never donated: the step donates only the state
         return batch

@@ -88,10 +88,10 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
     restart_threshold = float(tcfg.get("vq_restart_threshold", 0.0))
     usage_decay = float(tcfg.get("vq_usage_ema_decay", 0.99))
 
-    def disc_apply(params: Any, images: jax.Array):
+    def disc_apply(params: Any, images: jax.Array) -> jax.Array:
         return disc.apply({"params": params}, images)
 
-    def reconstruction(images: jax.Array, recon: jax.Array):
+    def reconstruction(images: jax.Array, recon: jax.Array) -> jax.Array:
         loss = 0.0
         if l1_w:
             loss += l1_w * vq_losses.l1_loss(images, recon)
@@ -99,13 +99,13 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
             loss += l2_w * vq_losses.l2_loss(images, recon)
         return loss
 
-    def gan_weight(params: Any, images: jax.Array, disc_params: Any):
+    def gan_weight(params: Any, images: jax.Array, disc_params: Any) -> jax.Array:
         """Adaptive: ratio of the two losses' gradient norms at the decoder's output conv."""
         if not (use_gan and tcfg.adaptive_gan_weight):
             return jnp.asarray(gan_w, jnp.float32)
         kernel = params["decoder"][last_layer]["kernel"]
 
-        def losses(k: jax.Array):
+        def losses(k: jax.Array) -> tuple[jax.Array, jax.Array]:
             p = {**params, "decoder": {**params["decoder"], last_layer: {
                 **params["decoder"][last_layer], "kernel": k}}}
             recon, _ = vqgan.apply({"params": p}, images)
@@ -116,7 +116,8 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
         (g_gan,) = vjp((jnp.zeros(()), jnp.ones(())))
         return gan_w * vq_losses.adaptive_gan_weight(g_rec, g_gan)
 
-    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on: jax.Array, weight: jax.Array):
+    def generator_loss(params: Any, disc_params: Any, images: jax.Array, gan_on: jax.Array,
+                       weight: jax.Array) -> tuple[jax.Array, tuple]:
         recon, aux = vqgan.apply({"params": params}, images)
         rec = reconstruction(images, recon)
         total = rec + aux["quantizer_loss"]
@@ -135,7 +136,8 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
                        **quantizers.usage_stats(counts))
         return total, (metrics, (recon, counts, jax.lax.stop_gradient(aux["latent"])))
 
-    def disc_loss(disc_params: Any, images: jax.Array, recon: jax.Array, lecam_ema: vq_losses.LeCamEMA):
+    def disc_loss(disc_params: Any, images: jax.Array, recon: jax.Array,
+                  lecam_ema: vq_losses.LeCamEMA) -> tuple[jax.Array, tuple]:
         real = disc_apply(disc_params, images)
         fake = disc_apply(disc_params, jax.lax.stop_gradient(recon))
         loss = vq_losses.discriminator_loss(real, fake, gan_kind)
@@ -150,7 +152,8 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
             metrics["lecam_loss"] = lecam
         return loss, (metrics, lecam_ema)
 
-    def restart_codes(params: Any, extra: Any, counts: jax.Array, latent: jax.Array, key: jax.Array):
+    def restart_codes(params: Any, extra: Any, counts: jax.Array, latent: jax.Array,
+                      key: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
         """Dead-code restart on the updated codebook; only dead rows change."""
         usage = quantizers.update_usage_ema(extra["code_usage"], counts, usage_decay)
         codebook, usage, dead = quantizers.restart_dead_codes(
@@ -158,7 +161,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
         params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
         return params, usage, jnp.sum(dead.astype(jnp.float32))
 
-    def train_step(state: Any, batch: Any, key: jax.Array):
+    def train_step(state: Any, batch: Any, key: jax.Array) -> tuple[Any, dict]:
         key = jax.random.fold_in(key, state.step)  # only the dead-code restart draws numbers
         images = batch["image"].astype(jnp.float32)
         extra = state.extra
@@ -173,7 +176,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
             extra = dict(extra, code_usage=code_usage)
             metrics = dict(metrics, restarted_codes=restarted)
 
-        def disc_update(operand: jax.Array):
+        def disc_update(operand: Any) -> tuple[tuple, dict]:
             d_params, d_opt, ema = operand
             (_, (d_metrics, new_ema)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(
                 d_params, images, recon, ema)
@@ -182,7 +185,7 @@ def make_train_step(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransfo
 
         operand = (extra["disc_params"], extra["disc_opt_state"], extra["lecam_ema"])
 
-        def disc_skip(operand: jax.Array):
+        def disc_skip(operand: Any) -> tuple[tuple, Any]:
             shapes = jax.eval_shape(lambda o: disc_update(o)[1], operand)
             return operand, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
@@ -215,7 +218,7 @@ def make_init(vqgan: nn.Module, disc: nn.Module, tx: optax.GradientTransformatio
     (and the codes' usage EMA, starting at uniform use, when dead codes are restarted)."""
     restart = tcfg is not None and restarts_dead_codes(vqgan, tcfg)
 
-    def init(key: jax.Array):
+    def init(key: jax.Array) -> Any:
         k_gen, k_disc = jax.random.split(key)
         images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         params = vqgan.init(k_gen, images)["params"]

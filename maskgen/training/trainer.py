@@ -102,7 +102,7 @@ class TrainResult(dict):
     preempted: bool = False
 
 
-def _lock(workdir: str):
+def _lock(workdir: str) -> Any:
     """The workdir lock, held by process 0 only; every process learns whether it was taken."""
     lock, error = None, None
     if str(workdir).startswith("gs://"):

@@ -81,11 +81,11 @@ def load_tokenizer(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rul
     return model, params, stage_dir, step
 
 
-def _encoder(tokenizer: nn.Module, params: Any, mesh: Mesh):
+def _encoder(tokenizer: nn.Module, params: Any, mesh: Mesh) -> Callable:
     """Jitted images [B,H,W,C] (batch-sharded) -> token ids [B,h,w] with fixed parameters."""
     param_sh = jax.tree.map(lambda x: x.sharding, params)
 
-    def encode(p: Any, images: jax.Array):
+    def encode(p: Any, images: jax.Array) -> jax.Array:
         return tokenizer.apply({"params": p}, images, method=tokenizer.encode_to_indices)
     jitted = jax.jit(encode, in_shardings=(param_sh, shd.batch_sharding(mesh, 4)),
                      out_shardings=shd.batch_sharding(mesh, 3))
@@ -115,13 +115,13 @@ def make_sampler(cfg: ml_collections.ConfigDict, model: nn.Module, layout: Token
     ids[:, 0] = np.asarray(layout.class_token(labels))
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
-    def generate(params: Any, tparams: Any, ids: jax.Array, key: jax.Array):
-        def logits_fn(x: jax.Array):
+    def generate(params: Any, tparams: Any, ids: jax.Array, key: jax.Array) -> jax.Array:
+        def logits_fn(x: jax.Array) -> jax.Array:
             return model.apply({"params": params}, x, num_logits=layout.codebook_size)
         tokens = decode(logits_fn, ids, key, config, layout).tokens[:, 1:].reshape(num, h, w)
         return tokenizer.apply({"params": tparams}, tokens, method=tokenizer.decode_from_indices)
 
-    def sample(state: Any, step: int):
+    def sample(state: Any, step: int) -> np.ndarray:
         images = generate(state.ema_params, tok_params, ids,
                           prng.make_key(cfg.seed, cfg.get("prng_impl", prng.DEFAULT)))
         return image_grid.float_grid(np.asarray(jax.device_get(images)), cols=min(num, 8))
@@ -164,7 +164,7 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
             data_iter = iterators.image_iterator(cfg, batch, data_seed)
     start.resume_iterator(data_iter)
 
-    def next_batch():
+    def next_batch() -> dict:
         local = next(data_iter)
         if encode is None:
             return shd.global_batch(local, mesh)
@@ -195,7 +195,7 @@ def make_quality_eval(cfg: ml_collections.ConfigDict, workdir: str, model: nn.Mo
     """(state, step) -> quality report of the EMA transformer (Fashion-MNIST class accuracy, Fréchet)."""
     per_class = max(1, int(cfg.eval_num_samples) // layout.num_real_classes)
 
-    def evaluate(state: Any, step: int):
+    def evaluate(state: Any, step: int) -> dict:
         bundle = Bundle(tokenizer=tokenizer, transformer=model,
                         params={"tokenizer": tok_params, "transformer": state.ema_params}, config=cfg,
                         layout=layout, image_shape=(cfg.image_size, cfg.image_size, cfg.image_channels),

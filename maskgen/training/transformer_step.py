@@ -82,7 +82,7 @@ def make_train_step(model: Any, layout: TokenLayout, tx: optax.GradientTransform
     loss_on_all = bool(tcfg.loss_on_all)
     codebook = layout.codebook_size
 
-    def loss_fn(params: Any, batch: Any, key: jax.Array):
+    def loss_fn(params: Any, batch: Any, key: jax.Array) -> tuple[jax.Array, dict]:
         k_mask, k_label, k_dropout = jax.random.split(key, 3)
         tokens = batch["tokens"].astype(jnp.int32)
         inputs, masked = mask_tokens(k_mask, tokens, schedule, min_rate, layout.mask_id)
@@ -114,7 +114,7 @@ def make_train_step(model: Any, layout: TokenLayout, tx: optax.GradientTransform
 
 def make_init(model: Any, tx: optax.GradientTransformation, seq_len: int) -> Callable:
     """init(key) -> boxed TrainState (for `train_state.init_sharded`)."""
-    def init(key: jax.Array):
+    def init(key: jax.Array) -> Any:
         variables = model.init({"params": key}, jnp.zeros((1, seq_len), jnp.int32))
         return train_state.new_state(variables["params"], tx)
     return init
