@@ -59,7 +59,7 @@ def _split_path(path: str) -> tuple[str, int | None]:
     return path, None
 
 
-def _config(workdir: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _config(workdir: str, config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
     if isinstance(config, ml_collections.ConfigDict):
         return config
     if config is not None:

@@ -160,7 +160,7 @@ def _render(tokenizer: Any, params: Any, tokens: jax.Array) -> jax.Array:
 
 
 def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout: Any,
-                     config: ml_collections.ConfigDict, recap: RecapConfig) -> jax.Array:
+                     config: ml_collections.ConfigDict, recap: RecapConfig | None) -> jax.Array:
     """ids [1, L] with unknown = mask id -> decoded ids [1, L]."""
     variables = {"params": params}
     n = layout.codebook_size
@@ -176,7 +176,7 @@ def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: A
 @functools.partial(jax.jit, static_argnames=("transformer", "layout", "config", "recap"))
 def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys: jax.Array, class_token: jax.Array, *,
                     transformer: Any, layout: Any, config: ml_collections.ConfigDict,
-                    recap: RecapConfig) -> jax.Array:
+                    recap: RecapConfig | None) -> jax.Array:
     """Decodes the unknown tokens of canvas [Hc, Wc] window by window (one XLA loop).
 
     origins [n, 2]: window corners in order; keys [n]: one key per window. Each
@@ -252,7 +252,7 @@ def decoding_options(model: Any, steps: int | None = None, start_step: int | Non
     return config, recap
 
 
-def _class_token(layout: Any, class_id: int) -> int:
+def _class_token(layout: Any, class_id: int | None) -> int:
     """Token of `class_id`; None means the null class (unconditional) where the model has one."""
     if class_id is None:
         if layout.null_class_id is None:
@@ -275,7 +275,7 @@ def _keys(seed: int, count: int) -> jax.Array:
 
 
 def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: jax.Array,
-         config: ml_collections.ConfigDict, recap: RecapConfig) -> np.ndarray:
+         config: ml_collections.ConfigDict, recap: RecapConfig | None) -> np.ndarray:
     layout = model.layout
     tokens = _decode_windows(
         model.params["transformer"], jnp.asarray(canvas, jnp.int32), jnp.asarray(origins, jnp.int32),
@@ -355,7 +355,8 @@ def inpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, mask: jax.typ
                       tokens_after=after, token_mask=regenerate, class_id=class_id)
 
 
-def edit_class(model: Any, image: Image.Image | jax.typing.ArrayLike, box: Any, class_id: int, seed: int = 0,
+def edit_class(model: Any, image: Image.Image | jax.typing.ArrayLike, box: Any, class_id: int | None,
+               seed: int = 0,
                steps: int | None = None,
                start_step: int | None = None,
                **kwargs) -> EditResult:

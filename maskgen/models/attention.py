@@ -325,7 +325,7 @@ def splash_spec(mesh: jax.sharding.Mesh, batch: int, heads: int) -> jax.sharding
 
 
 def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
-                   mesh: jax.sharding.Mesh, interpret: bool) -> jax.Array:
+                   mesh: jax.sharding.Mesh | None, interpret: bool) -> jax.Array:
     """Splash attention: pad to multiples of 128, pad keys in segment 1, shard_map over the mesh.
 
     Pad queries stay in segment 0 (they see the real keys), so no row of the
@@ -355,7 +355,7 @@ def _attend_splash(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Ar
 
 
 def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Array, k_BxLxK: jax.Array,
-                  v_BxLxK: jax.Array, keep_BxNxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  v_BxLxK: jax.Array, keep_BxNxL: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """One head: (output [B, N, K] in `dtype`, log-sum-exp [B, N, 1] in float32)."""
     logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
@@ -367,7 +367,7 @@ def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Ar
 
 
 def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
-                keep: jax.Array) -> tuple[jax.Array, jax.Array]:
+                keep: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     def body(_: Any, head: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, _head_forward(dtype, keep_prob, *head)
     xs = (q, k, v, keep)
@@ -376,12 +376,13 @@ def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attend_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q_HxBxNxK: jax.Array, k_HxBxLxK: jax.Array,
-                  v_HxBxLxK: jax.Array, keep_HxBxNxL: jax.Array) -> jax.Array:
+                  v_HxBxLxK: jax.Array, keep_HxBxNxL: jax.Array | None) -> jax.Array:
     return _scan_heads(dtype, keep_prob, q_HxBxNxK, k_HxBxLxK, v_HxBxLxK, keep_HxBxNxL)[0]
 
 
-def _attend_heads_fwd(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
-                      keep: jax.Array) -> tuple[jax.Array, tuple]:
+def _attend_heads_fwd(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array,
+                      v: jax.Array,
+                      keep: jax.Array | None) -> tuple[jax.Array, tuple]:
     out, lse = _scan_heads(dtype, keep_prob, q, k, v, keep)
     return out, (q, k, v, keep, out, lse)
 

@@ -40,7 +40,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     return lanes >= jnp.uint8(drop_threshold(rate))
 
 
-def apply_keep(x: jax.Array, keep: jax.Array, keep_prob: float) -> jax.Array:
+def apply_keep(x: jax.Array, keep: jax.Array | None, keep_prob: float) -> jax.Array:
     """Inverted dropout with a given mask: kept entries / keep_prob, dropped ones 0."""
     if keep is None:
         return x
