@@ -134,7 +134,7 @@ class StageCheckpoints:
     """The CheckpointManager of one stage directory."""
 
     def __init__(self, directory: str, keep: int = 3, best_metric: Optional[str] = "loss",
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False) -> None:
         self.directory = paths.normalize(directory)  # local or gs:// (orbax: tensorstore's gcs driver)
         self.best_metric = best_metric
         policies = [ocm.LatestN(n=max(int(keep), 1))]

@@ -68,12 +68,12 @@ class EditResult:
     def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> Any:
         if name not in self.keys():
             raise KeyError(name)
         return getattr(self, name)
 
-    def __contains__(self, name: str):
+    def __contains__(self, name: str) -> bool:
         return name in self.keys()
 
 
@@ -214,7 +214,7 @@ def decoding_options(model: Any, steps: int | None = None, start_step: int | Non
                      guidance: Any | None = None,
                      recap: RecapConfig | None = None,
                      decode_config: Optional[DecodeConfig] = None,
-                     **options) -> tuple[DecodeConfig, RecapConfig | None]:
+                     **options: Any) -> tuple[DecodeConfig, RecapConfig | None]:
     """(DecodeConfig, RecapConfig or None) for an edit: the model's `sampling` block + overrides.
 
     guidance: classifier-free guidance scale (1 = off). recap: None = the config's
@@ -302,7 +302,7 @@ def inpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, mask: jax.typ
             recap: RecapConfig | None = None, paste_back: bool = True, feather: Optional[int] = None,
             dilation: int = 1,
             resize: bool = False, decode_config: Optional[DecodeConfig] = None,
-            **decode_options) -> EditResult:
+            **decode_options: Any) -> EditResult:
     """Regenerates the masked part of `image`, conditioned on class `class_id`.
 
     mask: bool [H, W] (True = regenerate; 0/1 numbers work too) or a pixel box
@@ -359,7 +359,7 @@ def edit_class(model: Any, image: Image.Image | jax.typing.ArrayLike, box: Any, 
                seed: int = 0,
                steps: int | None = None,
                start_step: int | None = None,
-               **kwargs) -> EditResult:
+               **kwargs: Any) -> EditResult:
     """Re-generates the region `box` (or a pixel mask) as class `class_id`.
 
     Like the official demo, decoding skips the first steps (the region is not
@@ -408,7 +408,7 @@ def outpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, class_id: in
              guidance: Any | None = None, recap: RecapConfig | None = None,
              overlap: int | None = None, paste_back: bool = True, feather: Optional[int] = None,
              resize: bool = False, decode_config: Optional[DecodeConfig] = None,
-             **decode_options) -> EditResult:
+             **decode_options: Any) -> EditResult:
     """Extends `image` onto a larger canvas and generates the new area.
 
     Either `direction` ("left", "right", "up", "down", or several, e.g. "left,right")

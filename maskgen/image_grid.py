@@ -58,6 +58,6 @@ def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
     atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
-def save_npz(path: str, **arrays) -> None:
+def save_npz(path: str, **arrays: np.ndarray) -> None:
     """Writes arrays to an .npz atomically."""
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))

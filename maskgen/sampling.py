@@ -37,7 +37,7 @@ def sampling_block(sampling: Any | None = None) -> dict:
     return {**SAMPLING_DEFAULTS, **given}
 
 
-def decode_config_from(sampling: Any, token_grid: tuple[int, int], **overrides) -> DecodeConfig:
+def decode_config_from(sampling: Any, token_grid: tuple[int, int], **overrides: Any) -> DecodeConfig:
     """DecodeConfig from a config's `sampling` block (+ keyword overrides).
 
     The one reader of the block's decoding keys: training-time samples, `sample.py`,
@@ -56,7 +56,7 @@ def decode_config_from(sampling: Any, token_grid: tuple[int, int], **overrides) 
     return DecodeConfig(**options)
 
 
-def recap_config_from(sampling: Any, **overrides) -> Optional[RecapConfig]:
+def recap_config_from(sampling: Any, **overrides: Any) -> Optional[RecapConfig]:
     """RecapConfig from a config's `sampling` block; None when K (cheap per full) is 0."""
     given = {**dict(sampling or {}), **overrides}
     s = sampling_block(given)
@@ -88,7 +88,7 @@ class Sampler:
     decode_config: DecodeConfig
     recap: Optional[RecapConfig] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._jitted = jax.jit(self._run)
 
     def _logit_fns(self, params: Any) -> tuple[Callable, Callable, Callable]:

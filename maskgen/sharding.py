@@ -214,7 +214,7 @@ def describe(tree_of_shardings: Any) -> Dict[str, str]:
 class _Pin:
     """Turns an activation mark into a sharding constraint on `mesh` (`axes.pinning` holds it)."""
 
-    def __init__(self, mesh: Mesh, rules: Mapping[str, Sequence[Any]]):
+    def __init__(self, mesh: Mesh, rules: Mapping[str, Sequence[Any]]) -> None:
         self.mesh, self.rules = mesh, rules
 
     def spec(self, logical: Sequence[Optional[str]], shape: Sequence[int]) -> PartitionSpec:
@@ -263,7 +263,7 @@ def jit_sharded(fn: Callable, in_shardings: Any, out_shardings: Any, donate_argn
     mesh = mesh_of(in_shardings)
 
     @functools.wraps(fn)
-    def traced(*args, **kwargs) -> Any:
+    def traced(*args: Any, **kwargs: Any) -> Any:
         with activation_sharding(mesh, activation_rules):
             return fn(*args, **kwargs)
 

@@ -81,7 +81,7 @@ class Conv(nn.Module):
     precision: Any = None
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array):
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
         kernel = self.param(
             "kernel",

@@ -49,7 +49,7 @@ class DiscriminatorBlock(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array):
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init)
         down = blur_down if self.blur_resample else avg_pool_down
@@ -93,7 +93,7 @@ class Discriminator(nn.Module):
             raise ValueError(f"discriminator images must be floating point, got {images.dtype}")
 
     @nn.compact
-    def __call__(self, images_BxHxWxC: jax.Array):
+    def __call__(self, images_BxHxWxC: jax.Array) -> jax.Array:
         self._check(images_BxHxWxC)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init)

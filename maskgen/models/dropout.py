@@ -53,7 +53,7 @@ class Dropout(nn.Module):
     rng_collection: str = "dropout"
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
         keep = keep_mask(self.make_rng(self.rng_collection), x.shape, self.rate)

@@ -84,7 +84,7 @@ class Embed(nn.Module):
         self.embeddings_ln = _layer_norm("embeddings_ln", self.dtype, self.param_dtype)
         self.dropout = Dropout(self.dropout_rate)
 
-    def __call__(self, ids_BxL: jax.Array, positions_BxL: jax.Array, deterministic: bool):
+    def __call__(self, ids_BxL: jax.Array, positions_BxL: jax.Array, deterministic: bool) -> jax.Array:
         x = self.word_embeddings(ids_BxL) + self.position_embeddings(positions_BxL)
         return self.dropout(self.embeddings_ln(x), deterministic=deterministic)
 
@@ -122,7 +122,7 @@ class SelfAttention(nn.Module):
             bias_init=_param(nn.initializers.zeros, (axes.EMBED,)))
 
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool, kv: jax.Array | None = None,
-                 positions_BxN: jax.Array | None = None):
+                 positions_BxN: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Full attention, or (given `kv` and `positions`) rows x attending over the cache.
 
         Returns (output, (k, v)) where (k, v) are the full-length keys/values used.
@@ -162,7 +162,7 @@ class Attention(nn.Module):
         self.attention_output_ln = _layer_norm("attention_output_ln", self.dtype, self.param_dtype)
 
     def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
-                 positions: jax.Array | None = None):
+                 positions: jax.Array | None = None) -> tuple[jax.Array, Any]:
         a, new_kv = self.self_attention(x, deterministic, kv, positions)
         a = self.dropout(a, deterministic=deterministic)
         return self.attention_output_ln(a + x), new_kv
@@ -188,7 +188,7 @@ class Mlp(nn.Module):
         self.dropout = Dropout(self.dropout_rate)
         self.layer_output_ln = _layer_norm("layer_output_ln", self.dtype, self.param_dtype)
 
-    def __call__(self, x: jax.Array, deterministic: bool):
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         h = axes.constrain(_gelu(self.intermediate_output(x)), (axes.BATCH, axes.LENGTH, axes.MLP))
         h = self.layer_output(h)
         h = self.dropout(h, deterministic=deterministic)
@@ -212,7 +212,7 @@ class TransformerLayer(nn.Module):
         self.Mlp_0 = Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype)
 
     def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
-                 positions: jax.Array | None = None):
+                 positions: jax.Array | None = None) -> tuple[jax.Array, Any]:
         x, new_kv = self.Attention_0(x, deterministic, kv, positions)
         x = self.Mlp_0(x, deterministic)
         return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_kv
@@ -224,7 +224,7 @@ class Bias(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b = self.param("bias", _param(nn.initializers.zeros, (axes.VOCAB,)), (self.size,), self.param_dtype)
         return x + b[: x.shape[-1]].astype(x.dtype)
 
@@ -244,7 +244,7 @@ class MlmLayer(nn.Module):
         self.mlm_ln = _layer_norm("mlm_ln", self.dtype, self.param_dtype)
         self.mlm_bias = Bias(self.vocab_size, self.param_dtype)
 
-    def __call__(self, x: jax.Array, word_table_VxD: jax.Array, num_logits: Optional[int]):
+    def __call__(self, x: jax.Array, word_table_VxD: jax.Array, num_logits: Optional[int]) -> jax.Array:
         h = self.mlm_ln(_gelu(self.mlm_dense(x)))
         table = word_table_VxD if num_logits is None else word_table_VxD[:num_logits]
         logits = jnp.einsum("bnd,vd->bnv", h, table.astype(self.dtype))
@@ -303,7 +303,8 @@ class Transformer(nn.Module):
         logits = self.MlmLayer_0(x, self.Embed_0.word_table(), num_logits)
         return logits, KVCache(jnp.stack(ks), jnp.stack(vs))
 
-    def __call__(self, ids_BxL: jax.Array, deterministic: bool = True, num_logits: Optional[int] = None):
+    def __call__(self, ids_BxL: jax.Array, deterministic: bool = True,
+                 num_logits: Optional[int] = None) -> jax.Array:
         """Logits [B, L, V] (or only the first `num_logits` ids, e.g. the codebook)."""
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)[0]

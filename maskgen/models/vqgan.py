@@ -54,7 +54,7 @@ class ResBlock(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array):
+    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         conv = dict(use_bias=False, conv_impl=self.conv_impl, dtype=self.dtype,
                     param_dtype=self.param_dtype)
         h = group_norm(self.norm_groups, self.dtype, self.param_dtype)(x_BxHxWxC)
@@ -79,7 +79,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, images_BxHxWxC: jax.Array):
+    def __call__(self, images_BxHxWxC: jax.Array) -> jax.Array:
         block = dict(norm_groups=self.norm_groups, conv_impl=self.conv_impl, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, z_BxhxwxD: jax.Array):
+    def __call__(self, z_BxhxwxD: jax.Array) -> jax.Array:
         block = dict(norm_groups=self.norm_groups, conv_impl=self.conv_impl, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         conv = dict(conv_impl=self.conv_impl, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -285,7 +285,7 @@ class VQGAN(nn.Module):
                              f"{ids_Bxhxw.shape} dtype {ids_Bxhxw.dtype}")
         return self.decode(self.quantizer.lookup(ids_Bxhxw))
 
-    def __call__(self, images_BxHxWxC: jax.Array):
+    def __call__(self, images_BxHxWxC: jax.Array) -> tuple[jax.Array, dict]:
         """Images -> (reconstruction [B,H,W,C], aux of `encode`)."""
         quantized, aux = self.encode(images_BxHxWxC)
         return self.decode(quantized), aux

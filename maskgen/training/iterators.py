@@ -39,7 +39,7 @@ class EpochSampler:
     """Example indices of this process's part of each global batch, reshuffled every epoch."""
 
     def __init__(self, num_examples: int, global_batch: int, seed: int,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None):
+                 process_index: Optional[int] = None, process_count: Optional[int] = None) -> None:
         if num_examples < 1:
             raise ValueError(f"the dataset is empty (num_examples={num_examples})")
         self.num_examples, self.global_batch, self.seed = int(num_examples), int(global_batch), int(seed)
@@ -116,7 +116,7 @@ class SyntheticImages:
 
     def __init__(self, num_examples: int, global_batch: int, seed: int, num_classes: int, image_size: int,
                  channels: int,
-                 random_flip: bool = False):
+                 random_flip: bool = False) -> None:
         self.sampler = EpochSampler(num_examples, global_batch, seed)
         self.data_seed, self.num_classes = int(seed), int(num_classes)
         self.image_size, self.channels, self.random_flip = int(image_size), int(channels), random_flip
@@ -124,10 +124,10 @@ class SyntheticImages:
     def example(self, index: int) -> tuple[np.ndarray, int]:
         return synthetic_image(self.data_seed, int(index), self.num_classes, self.image_size, self.channels)
 
-    def __iter__(self):
+    def __iter__(self) -> "SyntheticImages":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Dict[str, np.ndarray]:
         positions = self.sampler.next_positions()
         pairs = [self.example(i) for i in self.sampler.indices(positions)]
         images = np.stack([p[0] for p in pairs])
@@ -147,14 +147,14 @@ class SyntheticTokens:
     """`dataset.name == "synthetic_tokens"`: token grids without any tokenizer."""
 
     def __init__(self, num_examples: int, global_batch: int, seed: int, num_classes: int, num_tokens: int,
-                 codebook_size: int):
+                 codebook_size: int) -> None:
         self.sampler = EpochSampler(num_examples, global_batch, seed)
         self.args = (int(seed), int(num_classes), int(num_tokens), int(codebook_size))
 
-    def __iter__(self):
+    def __iter__(self) -> "SyntheticTokens":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Dict[str, np.ndarray]:
         seed, classes, tokens, codebook = self.args
         pairs = [synthetic_tokens(seed, int(i), classes, tokens, codebook)
                  for i in self.sampler.indices(self.sampler.next_positions())]
@@ -171,7 +171,7 @@ class TokenCacheReader:
     """Batches of cached tokens; with flipped tokens cached, a coin per position picks the view."""
 
     def __init__(self, tokens: jax.Array, labels: jax.Array, global_batch: int, seed: int,
-                 tokens_flipped: jax.Array | None = None):
+                 tokens_flipped: jax.Array | None = None) -> None:
         self.tokens, self.labels, self.tokens_flipped = tokens, labels, tokens_flipped
         # Each process caches only its own shard: it samples that shard on its own
         # (a local stream of local batches), with a seed of its own.
@@ -179,10 +179,10 @@ class TokenCacheReader:
                                     int(seed) * 1_000_003 + jax.process_index(),
                                     process_index=0, process_count=1)
 
-    def __iter__(self):
+    def __iter__(self) -> "TokenCacheReader":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Dict[str, np.ndarray]:
         positions = self.sampler.next_positions()
         idx = self.sampler.indices(positions)
         tokens = self.tokens[idx]
@@ -204,7 +204,7 @@ class GrainImages:
     def __init__(self, dataset_cfg: ml_collections.ConfigDict, global_batch: int, seed: int, image_size: int,
                  channels: int, num_epochs: int | None = None,
                  shuffle: bool = True, augment: bool = True, drop_remainder: bool = True,
-                 split: str | None = None):
+                 split: str | None = None) -> None:
         from maskgen import data
         self.loader = data.make_loader(
             dataset_cfg.name, split=split or dataset_cfg.train_split, data_dir=dataset_cfg.data_dir,
@@ -216,10 +216,10 @@ class GrainImages:
             worker_count=int(dataset_cfg.worker_count), max_examples=dataset_cfg.get("max_examples"))
         self._it = iter(self.loader)
 
-    def __iter__(self):
+    def __iter__(self) -> "GrainImages":
         return self
 
-    def __next__(self):
+    def __next__(self) -> Dict[str, np.ndarray]:
         batch = next(self._it)
         return {"image": np.asarray(batch["image"], np.float32),
                 "label": np.asarray(batch["label"], np.int32)}

@@ -79,7 +79,7 @@ class StopSignal:
     step or a save hangs) it exits with status 1 and a one-line message, never 0 or the preempted code.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.requested = False
         self.deadline: Optional[float] = None
         self._previous = None

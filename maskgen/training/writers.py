@@ -24,7 +24,7 @@ class MetricWriter:
     pointed at the bucket sees the events up to the last flush.
     """
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str) -> None:
         self.enabled = jax.process_index() == 0
         self._writer = None
         if self.enabled:
@@ -55,7 +55,7 @@ class MetricWriter:
 class Progress:
     """A tqdm bar over training steps with the latest metrics as its postfix."""
 
-    def __init__(self, stage: str, start: int, total: int):
+    def __init__(self, stage: str, start: int, total: int) -> None:
         self.bar = tqdm.tqdm(total=total, initial=start, desc=stage, unit="step", dynamic_ncols=True,
                              disable=jax.process_index() != 0, mininterval=1.0)
 
