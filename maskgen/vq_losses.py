@@ -86,7 +86,7 @@ class LeCamEMA:
     fake: jax.Array  # [] float32
 
     @classmethod
-    def zeros(cls):
+    def zeros(cls) -> "LeCamEMA":
         return cls(real=jnp.zeros((), jnp.float32), fake=jnp.zeros((), jnp.float32))
 
 
