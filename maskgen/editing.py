@@ -274,7 +274,7 @@ def _keys(seed: int, count: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(count))
 
 
-def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: jax.Array,
+def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: int,
          config: ml_collections.ConfigDict, recap: RecapConfig | None) -> np.ndarray:
     layout = model.layout
     tokens = _decode_windows(

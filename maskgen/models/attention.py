@@ -368,7 +368,7 @@ def _head_forward(dtype: jax.typing.DTypeLike, keep_prob: float, q_BxNxK: jax.Ar
 
 def _scan_heads(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Array, k: jax.Array, v: jax.Array,
                 keep: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    def body(_: Any, head: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array]]:
+    def body(_: Any, head: tuple) -> tuple[None, tuple[jax.Array, jax.Array]]:
         return None, _head_forward(dtype, keep_prob, *head)
     xs = (q, k, v, keep)
     return lax.scan(body, None, xs)[1]
@@ -387,13 +387,13 @@ def _attend_heads_fwd(dtype: jax.typing.DTypeLike, keep_prob: float, q: jax.Arra
     return out, (q, k, v, keep, out, lse)
 
 
-def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: jax.Array,
+def _attend_heads_bwd(dtype: jax.typing.DTypeLike, keep_prob: float, residuals: tuple,
                       g_HxBxNxK: jax.Array) -> tuple:
     q, k, v, keep, out, lse = residuals
     # sum_l dP * P per query equals sum_k dOut * Out (Out is P @ V).
     delta_HxBxNx1 = jnp.sum(g_HxBxNxK.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
 
-    def one_head(_: Any, head: jax.Array) -> tuple[None, tuple[jax.Array, jax.Array, jax.Array]]:
+    def one_head(_: Any, head: tuple) -> tuple[None, tuple[jax.Array, jax.Array, jax.Array]]:
         q_BxNxK, k_BxLxK, v_BxLxK, keep_BxNxL, lse_BxNx1, g_BxNxK, delta_BxNx1 = head
         logits = jnp.einsum("bnk,blk->bnl", q_BxNxK, k_BxLxK).astype(jnp.float32)
         probs = jnp.exp(logits - lse_BxNx1)

@@ -121,7 +121,7 @@ class SelfAttention(nn.Module):
             kernel_init=_param(_init, (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
             bias_init=_param(nn.initializers.zeros, (axes.EMBED,)))
 
-    def __call__(self, x_BxLxD: jax.Array, deterministic: bool, kv: jax.Array | None = None,
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool, kv: tuple[jax.Array, jax.Array] | None = None,
                  positions_BxN: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Full attention, or (given `kv` and `positions`) rows x attending over the cache.
 
@@ -161,8 +161,8 @@ class Attention(nn.Module):
         self.dropout = Dropout(self.dropout_rate)
         self.attention_output_ln = _layer_norm("attention_output_ln", self.dtype, self.param_dtype)
 
-    def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, deterministic: bool, kv: tuple[jax.Array, jax.Array] | None = None,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         a, new_kv = self.self_attention(x, deterministic, kv, positions)
         a = self.dropout(a, deterministic=deterministic)
         return self.attention_output_ln(a + x), new_kv
@@ -211,8 +211,8 @@ class TransformerLayer(nn.Module):
             self.dtype, self.param_dtype, self.attention)
         self.Mlp_0 = Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype)
 
-    def __call__(self, x: jax.Array, deterministic: bool, kv: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    def __call__(self, x: jax.Array, deterministic: bool, kv: tuple[jax.Array, jax.Array] | None = None,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         x, new_kv = self.Attention_0(x, deterministic, kv, positions)
         x = self.Mlp_0(x, deterministic)
         return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.EMBED)), new_kv
@@ -310,7 +310,7 @@ class Transformer(nn.Module):
         return self._run(ids_BxL, positions, deterministic, num_logits)[0]
 
     def forward_with_kv(self, ids_BxL: jax.Array, deterministic: bool = True,
-                        num_logits: Optional[int] = None) -> Any:
+                        num_logits: Optional[int] = None) -> tuple[jax.Array, KVCache]:
         """Full evaluation that also returns every layer's keys and values (for ReCAP)."""
         positions = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
         return self._run(ids_BxL, positions, deterministic, num_logits)

@@ -170,8 +170,8 @@ class SyntheticTokens:
 class TokenCacheReader:
     """Batches of cached tokens; with flipped tokens cached, a coin per position picks the view."""
 
-    def __init__(self, tokens: jax.Array, labels: jax.Array, global_batch: int, seed: int,
-                 tokens_flipped: jax.Array | None = None) -> None:
+    def __init__(self, tokens: np.ndarray, labels: np.ndarray, global_batch: int, seed: int,
+                 tokens_flipped: np.ndarray | None = None) -> None:
         self.tokens, self.labels, self.tokens_flipped = tokens, labels, tokens_flipped
         # Each process caches only its own shard: it samples that shard on its own
         # (a local stream of local batches), with a seed of its own.
