@@ -155,7 +155,7 @@ def resolve_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: M
     return PartitionSpec(*assigned)
 
 
-def _is_spec(x: jax.Array) -> bool:
+def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
@@ -167,7 +167,7 @@ def logical_specs(boxed_tree: Any) -> Any:
 def tree_shardings(logical_tree: Any, abstract_tree: Any, mesh: Mesh,
                    rules: Mapping[str, Sequence[Any]] = RULES) -> Any:
     """NamedShardings for `abstract_tree` (unboxed shapes) from matching logical specs."""
-    def one(spec: PartitionSpec, leaf: jax.Array) -> NamedSharding:
+    def one(spec: PartitionSpec, leaf: Any) -> NamedSharding:
         return NamedSharding(mesh, resolve_spec(tuple(spec), leaf.shape, mesh, rules))
     return jax.tree.map(one, logical_tree, abstract_tree, is_leaf=_is_spec)
 
@@ -196,7 +196,7 @@ def global_batch(local_batch: int, mesh: Mesh) -> Any:
     Every process passes its own `local_batch` (leading dimension = global batch /
     process count); with one process this is a plain sharded device_put.
     """
-    def one(x: jax.Array) -> jax.Array:
+    def one(x: np.ndarray) -> jax.Array:
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]

@@ -29,7 +29,7 @@ def _reconstruct_fn(bundle: Any) -> Callable:
     tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
 
     @jax.jit
-    def run(x: np.ndarray) -> jax.Array:
+    def run(x: jax.Array) -> jax.Array:
         recon, _ = tok.apply(params, x)
         return jnp.round(jnp.clip(recon, 0, 1) * 255)
 
@@ -44,7 +44,7 @@ def code_usage(bundle: Any, images_uint8: np.ndarray, batch_size: int = 500) -> 
     num_codes = tok.num_codes
 
     @jax.jit
-    def counts(x: np.ndarray) -> jax.Array:
+    def counts(x: jax.Array) -> jax.Array:
         ids = tok.apply(params, x, method=tok.encode_to_indices)
         return quantizers.code_counts(ids, num_codes)
 
