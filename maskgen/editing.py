@@ -27,7 +27,6 @@ fails fast with a ValueError naming the problem.
 """
 import dataclasses
 import functools
-import ml_collections
 from typing import Any, Optional, Tuple
 
 import jax
@@ -160,7 +159,7 @@ def _render(tokenizer: Any, params: Any, tokens: jax.Array) -> jax.Array:
 
 
 def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: Any, layout: Any,
-                     config: ml_collections.ConfigDict, recap: RecapConfig | None) -> jax.Array:
+                     config: DecodeConfig, recap: RecapConfig | None) -> jax.Array:
     """ids [1, L] with unknown = mask id -> decoded ids [1, L]."""
     variables = {"params": params}
     n = layout.codebook_size
@@ -175,7 +174,7 @@ def _decode_sequence(params: Any, ids: jax.Array, key: jax.Array, transformer: A
 
 @functools.partial(jax.jit, static_argnames=("transformer", "layout", "config", "recap"))
 def _decode_windows(params: Any, canvas: jax.Array, origins: jax.Array, keys: jax.Array, class_token: jax.Array, *,
-                    transformer: Any, layout: Any, config: ml_collections.ConfigDict,
+                    transformer: Any, layout: Any, config: DecodeConfig,
                     recap: RecapConfig | None) -> jax.Array:
     """Decodes the unknown tokens of canvas [Hc, Wc] window by window (one XLA loop).
 
@@ -211,8 +210,8 @@ def _int_option(value: Any, name: str) -> int:
 
 
 def decoding_options(model: Any, steps: int | None = None, start_step: int | None = None,
-                     guidance: Any | None = None,
-                     recap: RecapConfig | None = None,
+                     guidance: float | None = None,
+                     recap: RecapConfig | bool | None = None,
                      decode_config: Optional[DecodeConfig] = None,
                      **options: Any) -> tuple[DecodeConfig, RecapConfig | None]:
     """(DecodeConfig, RecapConfig or None) for an edit: the model's `sampling` block + overrides.
@@ -275,7 +274,7 @@ def _keys(seed: int, count: int) -> jax.Array:
 
 
 def _run(model: Any, canvas: jax.Array, origins: jax.Array, seed: int, class_token: int,
-         config: ml_collections.ConfigDict, recap: RecapConfig | None) -> np.ndarray:
+         config: DecodeConfig, recap: RecapConfig | None) -> np.ndarray:
     layout = model.layout
     tokens = _decode_windows(
         model.params["transformer"], jnp.asarray(canvas, jnp.int32), jnp.asarray(origins, jnp.int32),
@@ -298,8 +297,8 @@ def _pixels_of(model: Any, tokens: jax.Array) -> np.ndarray:
 
 def inpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, mask: jax.typing.ArrayLike,
             class_id: int | None = None, seed: int = 0, steps: int | None = None,
-            start_step: int | None = None, guidance: Any | None = None,
-            recap: RecapConfig | None = None, paste_back: bool = True, feather: Optional[int] = None,
+            start_step: int | None = None, guidance: float | None = None,
+            recap: RecapConfig | bool | None = None, paste_back: bool = True, feather: Optional[int] = None,
             dilation: int = 1,
             resize: bool = False, decode_config: Optional[DecodeConfig] = None,
             **decode_options: Any) -> EditResult:
@@ -405,7 +404,7 @@ def outpaint(model: Any, image: Image.Image | jax.typing.ArrayLike, class_id: in
              amount: float | None = None,
              canvas: jax.typing.ArrayLike | None = None, offset: int | None = None,
              unit: str = "pixels", seed: int = 0, steps: int | None = None, start_step: int | None = None,
-             guidance: Any | None = None, recap: RecapConfig | None = None,
+             guidance: float | None = None, recap: RecapConfig | bool | None = None,
              overlap: int | None = None, paste_back: bool = True, feather: Optional[int] = None,
              resize: bool = False, decode_config: Optional[DecodeConfig] = None,
              **decode_options: Any) -> EditResult:
