@@ -193,7 +193,7 @@ def _log_once(requested: str, impl: str, reason: str) -> None:
     _logged.add((requested, impl, reason))
     fell_back = requested not in ("auto", impl)
     level = logging.WARNING if fell_back or "interpret" in reason else logging.INFO
-    logger.log(level, "attention: transformer.attention = %s runs %s (%s)", requested, impl, reason)
+    logger.log(level, "attention: transformer.attention=%s runs %s (%s)", requested, impl, reason)
 
 
 def attend(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dtype: jax.typing.DTypeLike,
@@ -223,7 +223,7 @@ def attend(q_BxNxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.Array, dty
         mesh = mesh if mesh is not None else _context_mesh()
         if platform == "tpu" and mesh is None and jax.device_count() > 1:
             # Mosaic kernels cannot be partitioned by XLA; without a mesh there is no shard_map to run in.
-            _log_once(implementation, "xla", "splash on several TPU chips needs the mesh: pass mesh =  "
+            _log_once(implementation, "xla", "splash on several TPU chips needs the mesh: pass mesh= "
                       "or trace inside jax.set_mesh(mesh)")
             return _attend_xla(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, None, keep_prob)
         return _attend_splash(q_BxNxHxK, k_BxLxHxK, v_BxLxHxK, dtype, mesh, interpret=platform != "tpu")

@@ -22,7 +22,7 @@ def lr_schedule(learning_rate: float, num_steps: int, warmup_steps: int = 0,
     if kind not in SCHEDULES:
         raise ValueError(f"unknown lr_schedule {kind!r}; expected one of {SCHEDULES}")
     if learning_rate < 0 or warmup_steps < 0 or num_steps < 1:
-        raise ValueError(f"bad schedule: learning_rate = {learning_rate}, warmup_steps={warmup_steps}, "
+        raise ValueError(f"bad schedule: learning_rate={learning_rate}, warmup_steps={warmup_steps}, "
                          f"num_steps={num_steps}")
     warmup_steps = int(warmup_steps)
     decay_steps = max(int(num_steps) - warmup_steps, 1)

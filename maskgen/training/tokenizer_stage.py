@@ -124,7 +124,7 @@ def build(cfg: ml_collections.ConfigDict, scfg: ml_collections.ConfigDict, workd
         if vqgan.quantizer_type == "vq":
             state = kmeans_init_state(vqgan, state, cfg, scfg, mesh)
         else:
-            log.info("%s: vq_init = kmeans does not apply to quantizer %s (no codebook)", STAGE,
+            log.info("%s: vq_init=kmeans does not apply to quantizer %s (no codebook)", STAGE,
                      vqgan.quantizer_type)
     data_iter = iterators.image_iterator(cfg, batch, rng.data_seed(cfg.seed, "tokenizer_data"))
     start.resume_iterator(data_iter)

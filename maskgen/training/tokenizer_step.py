@@ -43,7 +43,7 @@ def check_train_config(tcfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"tokenizer_train.gan_loss must be one of {vq_losses.GAN_LOSS_KINDS}, "
                          f"got {tcfg.gan_loss!r}")
     if tcfg.l1_weight < 0 or tcfg.l2_weight < 0 or tcfg.l1_weight + tcfg.l2_weight == 0:
-        raise ValueError(f"need a reconstruction loss: l1_weight = {tcfg.l1_weight}, "
+        raise ValueError(f"need a reconstruction loss: l1_weight={tcfg.l1_weight}, "
                          f"l2_weight={tcfg.l2_weight}")
     if tcfg.disc_start_step < 0:
         raise ValueError(f"tokenizer_train.disc_start_step must be >= 0, got {tcfg.disc_start_step}")

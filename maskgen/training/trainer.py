@@ -83,7 +83,7 @@ def record_accelerator_settings(cfg: ml_collections.ConfigDict, mesh: Mesh, work
     """Logs the attention kernel (training / decoding), remat and PRNG of this run; writes accelerator.json."""
     prng.check_prng_impl(cfg.get("prng_impl", prng.DEFAULT))
     info = accelerator_summary(cfg, mesh.devices.flat[0].platform)
-    log.info("attention: transformer.attention = %s trains with %s (%s), decodes with %s (%s); remat=%s, "
+    log.info("attention: transformer.attention=%s trains with %s (%s), decodes with %s (%s); remat=%s, "
              "prng_impl=%s", info["attention"], info["attention_train"], info["attention_train_reason"],
              info["attention_decode"], info["attention_decode_reason"], info["remat"], info["prng_impl"])
     if jax.process_index() == 0:
