@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Sequence
 
-from absl import logging as absl_logging
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -50,8 +50,7 @@ def main(argv: Sequence[str]) -> None:
     log = logging.getLogger("maskgen")
     log.info("JAX %s: process %d of %d, %d devices (%s)", jax.__version__, jax.process_index(),
              jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-    from maskgen.training import trainer
-    from maskgen.training import preflight
+    from maskgen.training import preflight, trainer
     result = trainer.train_and_evaluate(cfg, FLAGS.workdir, overrides=preflight.override_keys(sys.argv[1:]))
     if jax.process_index() == 0:
         print(trainer.summary(FLAGS.workdir), flush=True)

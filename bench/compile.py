@@ -195,11 +195,11 @@ def transformer_programs(cfg, mesh, names: Sequence[str], batch: int, decode_bat
 
     from maskgen import scheduler
     from maskgen import sharding as shd
-    from maskgen.training import optimizer, train_state
-    from maskgen.training import transformer_step as tst
     from maskgen.models import factory
     from maskgen.models.sizes import seq_len, token_grid, token_layout
     from maskgen.sampling import decode_config_from
+    from maskgen.training import optimizer, train_state
+    from maskgen.training import transformer_step as tst
 
     layout, length = token_layout(cfg), seq_len(cfg)
     model = factory.transformer_model(cfg)
@@ -262,9 +262,9 @@ def tokenizer_program(cfg, mesh, batch: int) -> Program:
     import jax.numpy as jnp
 
     from maskgen import sharding as shd
+    from maskgen.models import factory
     from maskgen.training import optimizer, train_state
     from maskgen.training import tokenizer_step as tts
-    from maskgen.models import factory
 
     _check_batch(batch, mesh, "tokenizer train")
     vqgan, disc = factory.tokenizer_model(cfg), factory.discriminator_model(cfg)

@@ -125,6 +125,7 @@ def apply_overrides(cfg, overrides):
 def random_model(config_name: str, seed: int = 0, overrides=()) -> Model:
     """Random weights at a config's size (the cost of decoding does not depend on the values)."""
     from flax.core import meta
+
     from maskgen.models import factory
     cfg = apply_overrides(load_config(config_name), overrides)
     module = factory.transformer_model(cfg)

@@ -13,6 +13,7 @@ import json
 import os
 from typing import List
 
+
 def load_rows(paths) -> List[dict]:
     rows = []
     for path in paths:

@@ -28,13 +28,13 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from maskgen.models import factory
 from maskgen import config_io, flops, hardware  # noqa: E402
-from maskgen.training import optimizer, train_state  # noqa: E402
 from maskgen import sharding as shd  # noqa: E402
+from maskgen.models import factory
+from maskgen.models.sizes import seq_len, token_layout  # noqa: E402
+from maskgen.training import optimizer, train_state  # noqa: E402
 from maskgen.training import tokenizer_step as tts  # noqa: E402
 from maskgen.training import transformer_step as tst  # noqa: E402
-from maskgen.models.sizes import seq_len, token_layout  # noqa: E402
 
 RESULTS = os.path.join(REPO, "bench", "results", "train_step.json")
 

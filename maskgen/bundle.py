@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskgen.models import factory
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io, paths
+from maskgen.models import factory
 from maskgen.models.sizes import seq_len, token_grid, token_layout
 from maskgen.models.transformer import Transformer
 from maskgen.tokens import TokenLayout

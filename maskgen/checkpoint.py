@@ -30,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple, Never
+from typing import Any, Dict, Never, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp

@@ -7,8 +7,8 @@ original config file or command line.
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
 import time
+from collections.abc import Sequence
 
 import ml_collections
 from etils import epath

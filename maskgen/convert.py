@@ -14,18 +14,17 @@ entries hold the official weights, so `maskgen.load`, `sample.py`, the editing
 API and a transformer stage with `tokenizer_workdir=OUT` all read it).
 Converting both kinds into the same OUT gives a complete, loadable workdir.
 """
-from typing import Any, Sequence
 import argparse
 import os
 import sys
+from typing import Any, Sequence
 
-import ml_collections
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from maskgen import checkpoint as ckpt_lib
-from maskgen import config_io, paths
-from maskgen import official
+from maskgen import config_io, official, paths
 from maskgen.config_io import resolve_config  # noqa: F401 - public here since the first release
 from maskgen.models import factory
 from maskgen.models.sizes import seq_len

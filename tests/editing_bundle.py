@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 from flax.core import meta
 
-from maskgen.models import factory
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
+from maskgen.models import factory
 from maskgen.models.sizes import seq_len
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import VQGAN

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from editing_bundle import save_small_checkpoint
 
 from maskgen import flops, scheduler
-
-from editing_bundle import save_small_checkpoint
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskgen.models import factory
 from maskgen import bundle as bundle_lib
 from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
+from maskgen.models import factory
 from maskgen.models.sizes import seq_len
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,8 @@ from contextlib import redirect_stderr
 
 import numpy as np
 import pytest
-
 from editing_bundle import REPO
+
 from maskgen import cli, config_io, convert, editing, official
 from maskgen.eval import __main__ as eval_main
 from maskgen.eval import inception

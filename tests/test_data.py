@@ -11,8 +11,7 @@ import PIL.Image
 import pytest
 
 from maskgen import data
-from maskgen.data import builders
-from maskgen.data import idx
+from maskgen.data import builders, idx
 
 FM_DIR = idx.FASHION_MNIST_DIR
 NUM = 300  # examples per split in the small prepared Fashion-MNIST

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scheduler_fakes import ContextFake
 
 from maskgen.models.transformer import Transformer
 from maskgen.scheduler import DecodeConfig, decode, example_keys, schedules, token_sampling
 from maskgen.tokens import TokenLayout
-from scheduler_fakes import ContextFake
 
 LAYOUT = TokenLayout(codebook_size=16, num_classes=5, null_class_id=4)
 GRID = 4

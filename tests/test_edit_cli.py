@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 from absl import flags
+from editing_bundle import sample_image, tiny_bundle
 from PIL import Image
 
-from editing_bundle import sample_image, tiny_bundle
 from maskgen import edit_cli, editing
-
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 

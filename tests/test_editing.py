@@ -6,15 +6,14 @@ import flax
 import jax
 import numpy as np
 import pytest
+from editing_bundle import sample_image, tiny_bundle
 from PIL import Image
 
-from editing_bundle import sample_image, tiny_bundle
 from maskgen import editing, masks
 from maskgen.models.transformer import Transformer
 from maskgen.models.vqgan import VQGAN
 from maskgen.scheduler import DecodeConfig, RecapConfig
 from maskgen.tokens import TokenLayout
-
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import matplotlib.cbook
 import numpy as np
 import pytest
+from eval_torch_fixtures import torch_ts, weights_file  # noqa: F401  (pytest fixtures)
 from PIL import Image
 
-from eval_torch_fixtures import torch_ts, weights_file  # noqa: F401  (pytest fixtures)
 from maskgen.eval import convert_inception, inception, metrics
 
 

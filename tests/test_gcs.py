@@ -20,13 +20,12 @@ import time
 import urllib.error
 import urllib.request
 
+import gcs_server
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-
-import gcs_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "maskgen-test"

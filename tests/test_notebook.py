@@ -8,9 +8,8 @@ import os
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from editing_bundle import REPO, save_small_checkpoint
+from nbclient import NotebookClient
 
 NOTEBOOK = REPO / "notebooks" / "inpainting.ipynb"
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from maskgen.models.transformer import Transformer
-from maskgen.scheduler import (DecodeConfig, RecapConfig, decode, decode_recap, example_keys,
-                               recap_plan, schedules)
+from maskgen.scheduler import DecodeConfig, RecapConfig, decode, decode_recap, example_keys, recap_plan, schedules
 from maskgen.scheduler.model_calls import ModelCalls
 from maskgen.tokens import TokenLayout
 

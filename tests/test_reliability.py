@@ -16,8 +16,8 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from editing_bundle import REPO
+
 from maskgen import checkpoint as ckpt_lib
 from maskgen import cli, workdir_lock
 from maskgen.workdir_lock import LockInfo, WorkdirLock, WorkdirLocked

@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from editing_bundle import REPO, sample_image, save_small_checkpoint
+from PIL import Image
 
 pytestmark = pytest.mark.slow  # end to end: subprocesses that train or sample
 

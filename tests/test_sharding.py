@@ -5,13 +5,11 @@ import numpy as np
 import pytest
 
 from maskgen import config_io
-from maskgen.training import optimizer
 from maskgen import sharding as shd
-from maskgen.training import train_state
-from maskgen.training import transformer_step as tst
-from maskgen.models.sizes import seq_len, token_layout
 from maskgen.models.factory import transformer_from_block
-
+from maskgen.models.sizes import seq_len, token_layout
+from maskgen.training import optimizer, train_state
+from maskgen.training import transformer_step as tst
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
 

@@ -14,11 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from maskgen import config_io
-from maskgen.training import iterators
-from maskgen.training import trainer
-from maskgen.training import transformer_step as tst
 from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
+from maskgen.training import iterators, trainer
+from maskgen.training import transformer_step as tst
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -294,8 +293,8 @@ def test_tokenizer_step_gates_the_discriminator_and_adapts_the_gan_weight():
 
 def test_bfloat16_activations_keep_float32_parameters():
     from maskgen.models import factory
-    from maskgen.training import optimizer, train_state
     from maskgen.models.sizes import seq_len, token_layout
+    from maskgen.training import optimizer, train_state
     cfg = _debug_cfg(**{"transformer.dtype": "bfloat16", "transformer.num_layers": 1})
     layout, length = token_layout(cfg), seq_len(cfg)
     model = factory.transformer_model(cfg)

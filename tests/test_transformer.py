@@ -8,8 +8,7 @@ from flax.core import meta
 
 from maskgen import axes
 from maskgen.models.factory import transformer_from_block
-from maskgen.models.transformer import (KVCache, Transformer, attend, check_input_ids,
-                                        scatter_rows)
+from maskgen.models.transformer import KVCache, Transformer, attend, check_input_ids, scatter_rows
 
 SMALL = dict(vocab_size=75, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=256, max_len=65)
 
@@ -107,6 +106,7 @@ def test_num_logits_slices_the_vocabulary(tiny):
 @pytest.mark.parametrize("res,count", [(256, 172_457_193), (512, 173_047_017)])
 def test_imagenet_parameter_count(res, count):
     import importlib.util
+
     from maskgen.models.sizes import seq_len, token_layout
     spec = importlib.util.spec_from_file_location("cfg", f"configs/imagenet{res}.py")
     mod = importlib.util.module_from_spec(spec)

@@ -11,9 +11,8 @@ import pytest
 
 from maskgen import axes
 from maskgen.models import conv as conv_lib
-from maskgen.models.vqgan import (VQGAN, VectorQuantizer, check_images,
-                                  check_token_ids, count_params)
 from maskgen.models.factory import tokenizer_from_block
+from maskgen.models.vqgan import VQGAN, VectorQuantizer, check_images, check_token_ids, count_params
 
 OFFICIAL_SMALL = dict(codebook_size=64, embedding_dim=16, filters=32, num_res_blocks=1,
                       channel_multipliers=(1, 1, 1, 1, 2))

@@ -6,18 +6,9 @@ Typical use:
     loader = make_loader("fashion_mnist", data_dir=data_dir, batch_size=64)
     images, labels = load_arrays("fashion_mnist", "test", data_dir)
 """
-from maskgen.data.builders import FashionMnist
-from maskgen.data.builders import ImageFolder
-from maskgen.data.builders import default_data_dir
-from maskgen.data.builders import prepare_dataset
-from maskgen.data.builders import scan_image_folder
-from maskgen.data.idx import FASHION_MNIST_DIR
-from maskgen.data.idx import load_fashion_mnist_idx
-from maskgen.data.idx import read_idx
-from maskgen.data.pipeline import DatasetSummary
-from maskgen.data.pipeline import dataset_summary
-from maskgen.data.pipeline import load_arrays
-from maskgen.data.pipeline import make_loader
+from maskgen.data.builders import FashionMnist, ImageFolder, default_data_dir, prepare_dataset, scan_image_folder
+from maskgen.data.idx import FASHION_MNIST_DIR, load_fashion_mnist_idx, read_idx
+from maskgen.data.pipeline import DatasetSummary, dataset_summary, load_arrays, make_loader
 
 __all__ = [
     "FASHION_MNIST_DIR", "DatasetSummary", "FashionMnist", "ImageFolder",

@@ -14,14 +14,12 @@ import hashlib
 import os
 import re
 import urllib.request
-from typing import (Any, Dict, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import PIL.Image
 import tensorflow_datasets as tfds
 
-from maskgen.data import idx
-from maskgen.data import images
+from maskgen.data import idx, images
 
 FILE_FORMAT = "array_record"
 FASHION_MNIST = "fashion_mnist"

@@ -17,15 +17,12 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from absl import flags
 import grain
 import jax
 import numpy as np
+from absl import flags
 
-from maskgen.data import builders
-from maskgen.data import idx
-from maskgen.data import images
-from maskgen.data import transforms
+from maskgen.data import builders, idx, images, transforms
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,13 @@ from maskgen.eval.classifier import FashionClassifier, TrainConfig, classify, lo
 from maskgen.eval.fashion import fashion_quality
 from maskgen.eval.features import batched_apply, data_mesh, sharded_step
 from maskgen.eval.fid import fid_report, load_reference, save_reference
-from maskgen.eval.frechet import (feature_stats, frechet_distance, frechet_distance_from_features,
-                                  load_stats, save_stats)
+from maskgen.eval.frechet import (
+                                  feature_stats,
+                                  frechet_distance,
+                                  frechet_distance_from_features,
+                                  load_stats,
+                                  save_stats,
+)
 from maskgen.eval.inception import InceptionV3, inception_features, load_inception, preprocess
 from maskgen.eval.metrics import inception_score, precision_recall
 from maskgen.eval.reconstruction import reconstruction_error

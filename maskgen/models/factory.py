@@ -4,10 +4,10 @@ Model files take explicit keyword arguments only; everything that reads a
 `ConfigDict` to build a module lives here, so a new config key has one home.
 """
 from collections.abc import Mapping
-import ml_collections
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 
 from maskgen.models import quantizers
 from maskgen.models.attention import check_attention_name, resolve_attention

@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from maskgen import axes
-from maskgen import vq_losses
+from maskgen import axes, vq_losses
 
 Dtype = Any
 QUANTIZERS = ("vq", "fsq", "lfq")

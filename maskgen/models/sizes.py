@@ -1,7 +1,8 @@
 """Sizes a config implies: the token-id vocabulary, the token grid, the sequence length."""
 from collections.abc import Mapping
-import ml_collections
 from typing import Any
+
+import ml_collections
 
 from maskgen.models.quantizers import code_count as _code_count
 from maskgen.tokens import TokenLayout

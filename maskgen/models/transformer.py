@@ -29,10 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from maskgen import axes
 from jax.ad_checkpoint import checkpoint_name
 
+from maskgen import axes
 from maskgen.models.attention import attend, check_attention_name
 from maskgen.models.dropout import Dropout, keep_mask, keep_probability
 from maskgen.models.remat import check_remat_name, remat_policy

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskgen.models import quantizers
-from maskgen.models.conv import (Conv, avg_pool_down, check_conv_impl, group_norm,
-                                 upsample_nearest)
+from maskgen.models.conv import Conv, avg_pool_down, check_conv_impl, group_norm, upsample_nearest
 from maskgen.models.quantizers import VectorQuantizer  # noqa: F401  (re-exported: the vq module)
 
 Dtype = Any

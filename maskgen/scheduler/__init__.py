@@ -6,8 +6,7 @@ test them and any architecture can plug in.
 from maskgen.scheduler.decode import DecodeConfig, DecodeResult, decode
 from maskgen.scheduler.keys import example_keys
 from maskgen.scheduler.recap import RecapConfig, RecapPlan, decode_recap, recap_plan
-from maskgen.scheduler.schedules import (count_table, halton_order, mask_ratio,
-                                         remaining_table, tokens_per_step)
+from maskgen.scheduler.schedules import count_table, halton_order, mask_ratio, remaining_table, tokens_per_step
 
 __all__ = [
     "DecodeConfig", "DecodeResult", "decode", "example_keys", "RecapConfig", "RecapPlan",

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from maskgen.scheduler import engine
+from maskgen.scheduler import engine, schedules
 from maskgen.scheduler import keys as keys_lib
 from maskgen.scheduler import official as official_lib
-from maskgen.scheduler import schedules
 from maskgen.scheduler.model_calls import ModelCalls
 from maskgen.tokens import TokenLayout
 

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from maskgen.scheduler import schedules
-from maskgen.scheduler import token_sampling
+from maskgen.scheduler import schedules, token_sampling
 from maskgen.scheduler.model_calls import ModelCalls
 
 

@@ -22,10 +22,8 @@ import jax
 import numpy as np
 from jax.typing import ArrayLike
 
-from maskgen.scheduler import engine
-from maskgen.scheduler import schedules
-from maskgen.scheduler.decode import (DecodeConfig, DecodeResult, null_class_token,
-                                      prepare_ids, run_maskgen)
+from maskgen.scheduler import engine, schedules
+from maskgen.scheduler.decode import DecodeConfig, DecodeResult, null_class_token, prepare_ids, run_maskgen
 from maskgen.scheduler.model_calls import ModelCalls
 from maskgen.tokens import TokenLayout
 

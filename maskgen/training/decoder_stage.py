@@ -11,11 +11,11 @@ from WORKDIR/decoder when it holds a checkpoint.
 import functools
 import logging
 import os
-import ml_collections
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 

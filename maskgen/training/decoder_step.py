@@ -15,11 +15,11 @@ Discriminator (own AdamW, `disc_learning_rate`): hinge or logistic loss on real 
 decoded images + lecam_weight * LeCam (EMAs in `extra`). No loss uses features of a
 network trained with labels: the discriminator only ever sees real vs decoded.
 """
-import ml_collections
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from maskgen import vq_losses

@@ -18,10 +18,10 @@ that endless stream and process p its p-th contiguous part. The state is just
 the number of batches taken, so resuming is exact.
 """
 import json
-import ml_collections
 from typing import Any, Dict, Optional
 
 import jax
+import ml_collections
 import numpy as np
 
 SYNTHETIC = "synthetic"

@@ -12,16 +12,15 @@ import signal
 import sys
 import threading
 import time
-import ml_collections
 from typing import Any, Callable, Dict, Optional
 
 import jax
+import ml_collections
 import numpy as np
 
 from maskgen import checkpoint as ckpt_lib
 from maskgen import image_grid
-from maskgen.training import iterators
-from maskgen.training import writers
+from maskgen.training import iterators, writers
 
 log = logging.getLogger(__name__)
 

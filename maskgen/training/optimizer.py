@@ -8,9 +8,10 @@ the parameters is kept in the train state, not in the optax chain, so that it
 is a top-level checkpoint entry that sampling code can read on its own.
 """
 from typing import Any
-import ml_collections
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 SCHEDULES = ("cosine", "constant", "linear")

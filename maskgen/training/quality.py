@@ -7,9 +7,9 @@ and measures the tokenizer's reconstruction error and its code use on the real t
 split (`codebook_usage`: fraction of the quantizer's codes that some test image's
 tokens use; `codebook_perplexity`: exp entropy of their histogram).
 """
-from typing import Any, Callable
 import json
 import time
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +39,7 @@ def _reconstruct_fn(bundle: Any) -> Callable:
 def code_usage(bundle: Any, images_uint8: np.ndarray, batch_size: int = 500) -> dict:
     """codebook_usage and codebook_perplexity of the tokenizer's ids over `images` (uint8 batches)."""
     import jax
+
     from maskgen.models import quantizers
     tok, params = bundle.tokenizer, {"params": bundle.params["tokenizer"]}
     num_codes = tok.num_codes

@@ -8,9 +8,9 @@ manager and the jitted, donated step, the same way for every stage.
 import dataclasses
 import logging
 import os
-import ml_collections
 from typing import Any, Callable, Optional
 
+import ml_collections
 from jax.sharding import Mesh
 
 from maskgen import checkpoint as ckpt_lib

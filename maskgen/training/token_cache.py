@@ -13,16 +13,16 @@ import io
 import json
 import logging
 import os
-import ml_collections
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 
-from maskgen.training import iterators
 from maskgen import paths
 from maskgen import sharding as shd
+from maskgen.training import iterators
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,12 @@ import functools
 import logging
 import math
 import os
-import ml_collections
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-
 from jax.sharding import Mesh
 
 from maskgen import image_grid, prng

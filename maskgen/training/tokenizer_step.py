@@ -18,18 +18,17 @@ usage (`vq_usage_ema_decay`, relative to uniform use, kept in `extra["code_usage
 falls below the threshold becomes a random encoder vector of this batch, so codes
 the encoder has moved away from come back into use (metric: restarted_codes).
 """
-import ml_collections
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from maskgen import vq_losses
 from maskgen.models import quantizers
-from maskgen.training import optimizer
-from maskgen.training import train_state
+from maskgen.training import optimizer, train_state
 
 REGULARIZERS = ("r1", "lecam", "none")
 VQ_INITS = ("random", "kmeans")

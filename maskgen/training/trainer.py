@@ -26,8 +26,8 @@ from maskgen import config_io, paths, prng
 from maskgen import sharding as shd
 from maskgen.models.factory import accelerator_summary
 from maskgen.training import decoder_stage, preflight, quality, tokenizer_stage, transformer_stage
-from maskgen.workdir_lock import WorkdirLock
 from maskgen.training.loop import Preempted, StopSignal, run_stage
+from maskgen.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,13 @@ WORKDIR), latest readable step of its `tokenizer/` directory, EMA parameters onl
 import functools
 import logging
 import os
-import ml_collections
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-
 from jax.sharding import Mesh
 
 from maskgen import checkpoint as ckpt_lib

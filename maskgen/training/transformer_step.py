@@ -11,17 +11,16 @@ all image tokens with `loss_on_all`). Every random draw comes from
 Batch: {"tokens": int32 [B, N] codebook ids (row-major token grid),
         "label": int32 [B] class ids in [0, num_real_classes)}.
 """
-import ml_collections
 from typing import Any, Callable, Dict
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from maskgen.training import optimizer
-from maskgen.training import train_state
 from maskgen.scheduler import schedules
 from maskgen.tokens import TokenLayout
+from maskgen.training import optimizer, train_state
 
 
 def mask_tokens(key: jax.Array, tokens_BxN: jax.Array, schedule: str, min_masking_rate: float,
