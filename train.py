@@ -35,7 +35,11 @@ def main(argv: Sequence[str]) -> None:
         from maskgen import cli
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
+
+    from maskgen import prng
     cfg = FLAGS.config
+    # Before any backend starts: libtpu reads its flags (unsafe_rbg's) once, at start-up.
+    prng.configure(cfg.get("prng_impl", prng.DEFAULT))
     if cfg.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         # SLURM, Open MPI and TPU pods are detected by JAX; a manual launch sets
         # JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
