@@ -28,6 +28,7 @@ heartbeat or takeover fails if anybody rewrote the object meanwhile - the takeov
 needed); `delete(path, expected_version)` = delete with `if_generation_match`. `store_for(path)` picks
 the store from the path's scheme and is the one place to register it.
 """
+import abc
 import dataclasses
 import json
 import logging
@@ -83,32 +84,34 @@ class LockInfo:
         return f"host {self.host}, PID {self.pid}, started {started}"
 
 
-class LockStore:
-    """The four storage operations the lock needs (see the module docstring for a GCS version)."""
+class LockStore(abc.ABC):
+    """The storage operations the lock needs (see the module docstring for a GCS version)."""
 
+    @abc.abstractmethod
     def create_exclusive(self, path: epath.Path, data: str) -> bool:
         """Writes `data` to `path` only if it does not exist; False when it already existed."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, path: epath.Path) -> Optional[Tuple[str, Optional[str]]]:
         """(content, version) or None when missing."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def replace(self, path: epath.Path, data: str, expected_version: Optional[str]) -> bool:
         """Overwrites `path` atomically; a versioned store fails (False) on a version mismatch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, path: epath.Path, expected_version: Optional[str] = None) -> None:
-        raise NotImplementedError
+        """Removes `path`; a versioned store only when it still has `expected_version`."""
 
+    @abc.abstractmethod
     def mtime(self, path: epath.Path) -> Optional[float]:
-        raise NotImplementedError
+        """Last modification time of `path` in seconds since the epoch, None when missing."""
 
 
 class LocalLockStore(LockStore):
     """POSIX files: O_EXCL creation, write-to-temporary + rename for replacement."""
 
-    def create_exclusive(self, path, data):
+    def create_exclusive(self, path: epath.Path, data: str) -> bool:
         try:
             fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -119,27 +122,27 @@ class LocalLockStore(LockStore):
             os.fsync(f.fileno())
         return True
 
-    def read(self, path):
+    def read(self, path: epath.Path) -> Optional[Tuple[str, Optional[str]]]:
         try:
             with open(os.fspath(path)) as f:
                 return f.read(), None
         except FileNotFoundError:
             return None
 
-    def replace(self, path, data, expected_version):
+    def replace(self, path: epath.Path, data: str, expected_version: Optional[str]) -> bool:
         tmp = f"{os.fspath(path)}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             f.write(data)
         os.replace(tmp, os.fspath(path))
         return True
 
-    def delete(self, path, expected_version=None):
+    def delete(self, path: epath.Path, expected_version: Optional[str] = None) -> None:
         try:
             os.unlink(os.fspath(path))
         except FileNotFoundError:
             pass
 
-    def mtime(self, path):
+    def mtime(self, path: epath.Path) -> Optional[float]:
         try:
             return os.stat(os.fspath(path)).st_mtime
         except FileNotFoundError:
@@ -149,7 +152,8 @@ class LocalLockStore(LockStore):
 def store_for(path: epath.Path) -> LockStore:
     """The store for `path`'s filesystem. A `gs://` store registers here (issue 17)."""
     if str(path).startswith("gs://"):
-        raise NotImplementedError("workdir locks on gs:// need the GCS lock store (issue 17)")
+        raise ValueError(f"{path}: workdir locks on gs:// need a GCS lock store, which maskgen does not have yet "
+                         "(issue 17); train.py runs gs:// workdirs without a lock and says so")
     return LocalLockStore()
 
 
@@ -196,7 +200,7 @@ def lease_seconds(lease_s: Optional[float] = None) -> float:
 class WorkdirLock:
     """The single-writer lock of one workdir; `with WorkdirLock(w): ...` or `acquire()` / `release()`."""
 
-    def __init__(self, workdir, lease_s: Optional[float] = None, store: Optional[LockStore] = None):
+    def __init__(self, workdir: str | os.PathLike, lease_s: Optional[float] = None, store: Optional[LockStore] = None):
         self.directory = epath.Path(workdir)
         self.path = self.directory / LOCK_NAME
         self.lease_s = lease_seconds(lease_s)
