@@ -22,5 +22,15 @@ def test_isa_cap_reads_xla_and_onednn_limits(monkeypatch):
 
 def test_cpu_info_names_this_machine():
     info = hardware.cpu_info()
-    assert set(info) == {"cpu_model", "cpu_isa", "cpu_isa_cap", "cpu_count"}
+    assert set(info) == {"cpu_model", "cpu_uarch", "cpu_isa", "cpu_isa_cap", "cpu_count"}
     assert info["cpu_model"] and info["cpu_count"] >= 1
+
+
+def test_microarchitecture_tells_apart_cpus_with_one_model_name():
+    # All three report "AMD EPYC" on the clouds these benchmarks ran on.
+    assert hardware.microarchitecture("AuthenticAMD", 25, 0x01) == "Zen 3"
+    assert hardware.microarchitecture("AuthenticAMD", 25, 0x11) == "Zen 4"
+    assert hardware.microarchitecture("AuthenticAMD", 26, 0x02) == "Zen 5"
+    assert hardware.microarchitecture("GenuineIntel", 6, 0x8F) == "Sapphire Rapids"
+    assert hardware.microarchitecture("GenuineIntel", 6, 0x8F + 1) == "unknown"
+    assert hardware.microarchitecture("AuthenticAMD", 6, 0x8F) == "unknown"  # vendor matters
