@@ -15,18 +15,18 @@ is taken over with a logged message, when
   * the holder is on another host and its heartbeat is older than the lease (default 900 s,
     `MASKGEN_LOCK_LEASE_S` or `lease_s=`): a crashed host cannot be asked whether its PID lives.
 
-Takeover is serialised by a second exclusive file, `maskgen.lock.takeover` (itself stale after 60 s),
-so two processes that both judge the lock stale cannot both win. Multi-host training: only process 0
-holds the lock (the caller decides; `maskgen.training.trainer` does it).
+Locally, takeover is serialised by a second exclusive file, `maskgen.lock.takeover` (itself stale
+after 60 s), so two processes that both judge the lock stale cannot both win. Multi-host training: only
+process 0 holds the lock (the caller decides; `maskgen.training.trainer` does it).
 
 Storage backends. All file access goes through `LockStore` (create-exclusive / read / replace /
-delete). `LocalLockStore` uses POSIX semantics. A GCS store for `gs://` workdirs (issue 17) implements
-the same four operations with object generation preconditions: `create_exclusive` = upload with
-`if_generation_match=0`; `read` returns the content *and* its generation (kept in `LockInfo.version`);
-`replace(path, data, expected_version)` = upload with `if_generation_match=expected_version` (so a
-heartbeat or takeover fails if anybody rewrote the object meanwhile - the takeover file is then not
-needed); `delete(path, expected_version)` = delete with `if_generation_match`. `store_for(path)` picks
-the store from the path's scheme and is the one place to register it.
+delete). `LocalLockStore` uses POSIX semantics. `GcsLockStore` (`gs://` workdirs, issue 17) does the
+same four operations on one object with generation preconditions (google-cloud-storage):
+`create_exclusive` = upload with `if_generation_match=0`; `read` returns the content *and* its
+generation (kept in `LockInfo.version`); `replace(path, data, expected_version)` = upload with
+`if_generation_match=expected_version`, so a heartbeat or takeover fails if anybody rewrote the object
+meanwhile (a *versioned* store: no takeover file); `delete(path, expected_version)` = delete with
+`if_generation_match`. `store_for(path)` picks the store from the path's scheme.
 """
 import abc
 import dataclasses
@@ -42,6 +42,7 @@ from typing import Optional, Tuple
 
 from etils import epath
 
+from maskgen import paths
 from maskgen.cli import UserError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class LockInfo:
 
 
 class LockStore(abc.ABC):
-    """The storage operations the lock needs (see the module docstring for a GCS version)."""
+    """The storage operations the lock needs."""
+
+    # True when `replace` honours `expected_version` (compare-and-swap): takeover needs no extra file.
+    versioned = False
 
     @abc.abstractmethod
     def create_exclusive(self, path: epath.Path, data: str) -> bool:
@@ -149,11 +153,78 @@ class LocalLockStore(LockStore):
             return None
 
 
+class GcsLockStore(LockStore):
+    """One `gs://` object; its generation is the version, every write and delete conditioned on it.
+
+    GCS checks `ifGenerationMatch` atomically on the server, so of two writers with the same expected
+    generation (0 = "does not exist") exactly one succeeds and the other gets 412 Precondition Failed.
+    The client is google-cloud-storage's, created as tensorboardX's gs:// writer creates it:
+    `storage.Client()` finds Application Default Credentials, or, with STORAGE_EMULATOR_HOST set,
+    talks to the emulator with anonymous credentials.
+    """
+
+    versioned = True
+
+    def __init__(self, client: Optional[object] = None) -> None:
+        self._client = client
+
+    def _blob(self, path: epath.Path) -> object:
+        from google.cloud import storage
+        if self._client is None:
+            self._client = storage.Client()
+        bucket, _, name = os.fspath(path)[len("gs://"):].partition("/")
+        return self._client.bucket(bucket).blob(name)
+
+    def create_exclusive(self, path: epath.Path, data: str) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+        try:
+            self._blob(path).upload_from_string(data, content_type="application/json", if_generation_match=0)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def read(self, path: epath.Path) -> Optional[Tuple[str, Optional[str]]]:
+        from google.api_core.exceptions import NotFound
+        blob = self._blob(path)
+        try:
+            data = blob.download_as_bytes()  # one GET: content + x-goog-generation of that content
+        except NotFound:
+            return None
+        return data.decode("utf-8", "replace"), str(blob.generation)
+
+    def replace(self, path: epath.Path, data: str, expected_version: Optional[str]) -> bool:
+        from google.api_core.exceptions import PreconditionFailed
+        if expected_version is None:
+            raise ValueError(f"{path}: a GCS lock is only replaced at a known generation")
+        try:
+            self._blob(path).upload_from_string(data, content_type="application/json",
+                                                if_generation_match=int(expected_version))
+        except PreconditionFailed:
+            return False
+        return True
+
+    def delete(self, path: epath.Path, expected_version: Optional[str] = None) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+        match = None if expected_version is None else int(expected_version)
+        try:
+            self._blob(path).delete(if_generation_match=match)
+        except (NotFound, PreconditionFailed):
+            pass  # gone, or rewritten by someone else: not ours to delete
+
+    def mtime(self, path: epath.Path) -> Optional[float]:
+        from google.api_core.exceptions import NotFound
+        blob = self._blob(path)
+        try:
+            blob.reload()
+        except NotFound:
+            return None
+        return blob.updated.timestamp() if blob.updated else None
+
+
 def store_for(path: epath.Path) -> LockStore:
-    """The store for `path`'s filesystem. A `gs://` store registers here (issue 17)."""
-    if str(path).startswith("gs://"):
-        raise ValueError(f"{path}: workdir locks on gs:// need a GCS lock store, which maskgen does not have yet "
-                         "(issue 17); train.py runs gs:// workdirs without a lock and says so")
+    """The store for `path`'s filesystem: GCS for `gs://`, POSIX files otherwise."""
+    if os.fspath(path).startswith("gs://"):
+        return GcsLockStore()
     return LocalLockStore()
 
 
@@ -200,7 +271,8 @@ def lease_seconds(lease_s: Optional[float] = None) -> float:
 class WorkdirLock:
     """The single-writer lock of one workdir; `with WorkdirLock(w): ...` or `acquire()` / `release()`."""
 
-    def __init__(self, workdir: str | os.PathLike, lease_s: Optional[float] = None, store: Optional[LockStore] = None):
+    def __init__(self, workdir: str | os.PathLike, lease_s: Optional[float] = None,
+                 store: Optional[LockStore] = None) -> None:
         self.directory = epath.Path(workdir)
         self.path = self.directory / LOCK_NAME
         self.lease_s = lease_seconds(lease_s)
@@ -246,7 +318,7 @@ class WorkdirLock:
 
     def acquire(self) -> "WorkdirLock":
         """Takes the lock or raises WorkdirLocked naming the live holder."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self.directory)  # a no-op on gs://, where folders are name prefixes
         for _ in range(5):
             info = self._new_info()
             if self.store.create_exclusive(self.path, info.to_json()):
@@ -255,6 +327,9 @@ class WorkdirLock:
             holder = self.holder()
             if holder is None:
                 continue  # released between our attempt and the read
+            if holder.token == info.token:  # our create landed, its reply was lost and the retry refused
+                self._hold(info)
+                return self
             reason = self.stale_reason(holder)
             if reason is None:
                 raise WorkdirLocked(
@@ -266,6 +341,8 @@ class WorkdirLock:
         raise WorkdirLocked(f"could not take the workdir lock {self.path}: it keeps changing hands")
 
     def _take_over(self, stale: LockInfo, reason: str) -> bool:
+        if self.store.versioned:  # replace only if still the stale object: one of two takers wins
+            return self._replace_stale(stale, reason)
         takeover = self.directory / (LOCK_NAME + ".takeover")
         if not self.store.create_exclusive(takeover, str(os.getpid())):
             mtime = self.store.mtime(takeover)
@@ -277,14 +354,17 @@ class WorkdirLock:
             current = self.holder()
             if current is None or current.token != stale.token:
                 return False  # somebody else took it or released it meanwhile: start again
-            info = self._new_info()
-            if not self.store.replace(self.path, info.to_json(), stale.version):
-                return False
-            log.warning("took over the stale workdir lock %s (%s; %s)", self.path, stale.describe(), reason)
-            self._hold(info)
-            return True
+            return self._replace_stale(current, reason)
         finally:
             self.store.delete(takeover)
+
+    def _replace_stale(self, stale: LockInfo, reason: str) -> bool:
+        info = self._new_info()
+        if not self.store.replace(self.path, info.to_json(), stale.version):
+            return False  # rewritten since we read it (another taker, or the holder's heartbeat)
+        log.warning("took over the stale workdir lock %s (%s; %s)", self.path, stale.describe(), reason)
+        self._hold(info)
+        return True
 
     def _hold(self, info: LockInfo) -> None:
         self.info = info
@@ -295,16 +375,26 @@ class WorkdirLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(max(self.lease_s / 3.0, 0.05)):
             try:
-                current = self.holder()
-                if current is None or current.token != self.info.token:
-                    self.lost = True
-                    log.error("the workdir lock %s was taken by %s while this run held it", self.path,
-                              current.describe() if current else "nobody (deleted)")
+                if not self._refresh():
                     return
-                self.info = dataclasses.replace(self.info, heartbeat=time.time())
-                self.store.replace(self.path, self.info.to_json(), current.version)
-            except OSError as err:  # a full disk must not kill the run from this thread
+            # A full disk or a GCS outage must not kill the run from this thread: retried next beat.
+            except Exception as err:  # noqa: BLE001 - OSError locally, google.api_core errors on GCS
                 log.warning("could not refresh the workdir lock %s: %s", self.path, err)
+
+    def _refresh(self) -> bool:
+        """One heartbeat; False (and `lost` set) when the lock is no longer ours."""
+        for _ in range(2):  # a refused conditional write means the object changed: read it again
+            current = self.holder()
+            if current is None or current.token != self.info.token:
+                self.lost = True
+                log.error("the workdir lock %s was taken by %s while this run held it", self.path,
+                          current.describe() if current else "nobody (deleted)")
+                return False
+            info = dataclasses.replace(self.info, heartbeat=time.time())
+            if self.store.replace(self.path, info.to_json(), current.version):
+                self.info = info
+                return True
+        return True
 
     def release(self) -> None:
         """Stops the heartbeat and deletes the lock file if it is still ours."""

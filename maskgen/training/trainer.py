@@ -103,11 +103,9 @@ class TrainResult(dict):
 
 
 def _lock(workdir: str) -> Any:
-    """The workdir lock, held by process 0 only; every process learns whether it was taken."""
+    """The workdir lock (a file locally, one object on gs://), held by process 0 only; every process
+    learns whether it was taken."""
     lock, error = None, None
-    if str(workdir).startswith("gs://"):
-        log.warning("no workdir lock on gs:// yet (the GCS lock store of maskgen.workdir_lock is to come)")
-        return None
     if jax.process_index() == 0:
         try:
             lock = WorkdirLock(workdir).acquire()
