@@ -2,7 +2,8 @@
 
 Training, sampling, editing and evaluation with every path on `gs://`; a
 SIGKILL mid-run resumed to bit-identical parameters; a corrupt latest step on
-GCS falling back to the previous one; and the up-front errors for an
+GCS falling back to the previous one; the workdir lock as one object with
+generation preconditions (a second train.py refused); and the up-front errors for an
 unsupported scheme, a dataset on gs://, a missing bucket, no credentials and
 permission denied. Nothing talks to any address but 127.0.0.1 (metadata-server
 probes are pointed at a closed local port, see `gcs_server.FakeGcs.env`).
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -166,6 +168,180 @@ def test_corrupt_latest_step_on_gcs_falls_back_to_the_previous(gcs, caplog):
     ckpt.close()
 
 
+# ------------------------------------------------------------- the workdir lock on gs:// (issue 17)
+
+
+def _holder_json(**fields):
+    now = time.time()
+    info = dict(host=socket.gethostname(), pid=os.getpid(), pid_start=None, started=now, heartbeat=now,
+                token="other", command="train.py")
+    info.update(fields)
+    return json.dumps(info).encode()
+
+
+def _lock_token(server, name):
+    return json.loads(server.read(BUCKET, f"{name}/maskgen.lock"))["token"]
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@needs_server
+def test_gcs_lock_is_exclusive_names_the_holder_and_is_released(gcs):
+    from maskgen.workdir_lock import GcsLockStore, WorkdirLock, WorkdirLocked
+    run = f"gs://{BUCKET}/lock/exclusive"
+    first = WorkdirLock(run).acquire()
+    try:
+        assert isinstance(first.store, GcsLockStore)
+        assert _lock_token(gcs, "lock/exclusive") == first.info.token
+        with pytest.raises(WorkdirLocked, match=f"locked by another training run .*PID {os.getpid()}"):
+            WorkdirLock(run).acquire()
+        assert _lock_token(gcs, "lock/exclusive") == first.info.token  # the refused writer wrote nothing
+    finally:
+        first.release()
+    assert gcs.objects(BUCKET, "lock/exclusive/") == {}
+    with WorkdirLock(run) as again:  # free again
+        assert _lock_token(gcs, "lock/exclusive") == again.info.token
+    assert gcs.objects(BUCKET, "lock/exclusive/") == {}
+
+
+@needs_server
+def test_stale_gcs_locks_are_taken_over(gcs, caplog):
+    from maskgen import workdir_lock
+    from maskgen.workdir_lock import WorkdirLock, WorkdirLocked
+    run, name = f"gs://{BUCKET}/lock/stale", "lock/stale/maskgen.lock"
+    caplog.set_level(logging.WARNING, logger=workdir_lock.__name__)
+    # This host, dead PID: stale at once.
+    gcs.write(BUCKET, name, _holder_json(pid=_dead_pid()))
+    with WorkdirLock(run, lease_s=600) as lock:
+        assert _lock_token(gcs, "lock/stale") == lock.info.token
+    assert any("took over the stale workdir lock" in r.message and "no longer running" in r.message
+               for r in caplog.records)
+    # Another host: alive until its heartbeat is older than the lease.
+    gcs.write(BUCKET, name, _holder_json(host="elsewhere-host", pid=1, heartbeat=time.time() - 30))
+    with pytest.raises(WorkdirLocked, match="host elsewhere-host, PID 1"):
+        WorkdirLock(run, lease_s=600).acquire()
+    with WorkdirLock(run, lease_s=10) as lock:
+        assert _lock_token(gcs, "lock/stale") == lock.info.token
+    # Unreadable: judged by the object's update time.
+    gcs.write(BUCKET, name, b"not json")
+    with pytest.raises(WorkdirLocked, match="unreadable lock file"):
+        WorkdirLock(run, lease_s=600).acquire()
+    time.sleep(1.1)
+    with WorkdirLock(run, lease_s=1) as lock:
+        assert _lock_token(gcs, "lock/stale") == lock.info.token
+    assert gcs.objects(BUCKET, "lock/stale/") == {}  # no takeover object on GCS, and released
+
+
+@needs_server
+def test_gcs_store_enforces_generations(gcs):
+    """What the lock relies on, checked against the server: create-if-absent and replace-if-generation.
+
+    Deletes are not checked at a stale generation: fake-gcs-server ignores `ifGenerationMatch` on DELETE
+    (measured), real GCS does not."""
+    from etils import epath
+
+    from maskgen.workdir_lock import GcsLockStore
+    store, path = GcsLockStore(), epath.Path(f"gs://{BUCKET}/lock/store/maskgen.lock")
+    assert store.read(path) is None and store.mtime(path) is None
+    assert store.create_exclusive(path, "a")
+    assert not store.create_exclusive(path, "b")
+    text, first = store.read(path)
+    assert text == "a" and first is not None
+    assert store.replace(path, "c", first)
+    assert not store.replace(path, "d", first)  # the object moved on: the old generation is refused
+    text, second = store.read(path)
+    assert text == "c" and second != first
+    store.delete(path, second)
+    assert store.read(path) is None
+
+
+@needs_server
+def test_concurrent_takeovers_of_one_stale_gcs_lock_have_one_winner(gcs, caplog):
+    from maskgen import workdir_lock
+    from maskgen.workdir_lock import GcsLockStore, WorkdirLock, WorkdirLocked
+    run, racers = f"gs://{BUCKET}/lock/race", 6
+    gcs.write(BUCKET, "lock/race/maskgen.lock", _holder_json(host="elsewhere-host", pid=1, heartbeat=0.0))
+    barrier = threading.Barrier(racers)
+
+    class RacingStore(GcsLockStore):
+        """Holds every racer at its takeover write until all have read the same stale generation."""
+
+        def __init__(self):
+            super().__init__()
+            self.first = True
+
+        def replace(self, path, data, expected_version):
+            if self.first:
+                self.first = False
+                barrier.wait(timeout=60)
+            return super().replace(path, data, expected_version)
+
+    won, refused = [], []
+
+    def race():
+        lock = WorkdirLock(run, lease_s=600, store=RacingStore())
+        try:
+            won.append(lock.acquire())
+        except WorkdirLocked as err:
+            refused.append(str(err))
+
+    caplog.set_level(logging.WARNING, logger=workdir_lock.__name__)
+    threads = [threading.Thread(target=race) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    try:
+        assert len(won) == 1 and len(refused) == racers - 1, (won, refused)
+        assert all(f"PID {os.getpid()}" in message for message in refused)  # refused by the winner
+        assert _lock_token(gcs, "lock/race") == won[0].info.token
+        assert sum("took over the stale workdir lock" in r.message for r in caplog.records) == 1
+    finally:
+        for lock in won:
+            lock.release()
+
+
+@needs_server
+def test_gcs_heartbeat_refreshes_and_a_rewritten_lock_is_noticed_not_overwritten(gcs):
+    from maskgen.workdir_lock import GcsLockStore, LockInfo, WorkdirLock
+    run, name = f"gs://{BUCKET}/lock/heartbeat", "lock/heartbeat/maskgen.lock"
+    lock = WorkdirLock(run, lease_s=0.3).acquire()
+    try:
+        before = LockInfo.from_json(gcs.read(BUCKET, name)).heartbeat
+        time.sleep(0.5)
+        assert LockInfo.from_json(gcs.read(BUCKET, name)).heartbeat > before
+    finally:
+        lock.release()
+    assert gcs.objects(BUCKET, "lock/heartbeat/") == {}
+
+    class ThiefStore(GcsLockStore):
+        """Another run's takeover lands between the heartbeat's read and its write."""
+
+        armed = False
+
+        def replace(self, path, data, expected_version):
+            if self.armed:
+                self.armed = False
+                gcs.write(BUCKET, name, _holder_json(token="thief"))
+            return super().replace(path, data, expected_version)
+
+    store = ThiefStore()
+    lock = WorkdirLock(run, lease_s=600, store=store).acquire()  # no background beat during the test
+    try:
+        assert lock._refresh() and not lock.lost  # a normal beat
+        store.armed = True
+        assert not lock._refresh()  # the write at the old generation is refused, the re-read sees the thief
+        assert lock.lost
+        assert _lock_token(gcs, "lock/heartbeat") == "thief"
+    finally:
+        lock.release()
+    assert _lock_token(gcs, "lock/heartbeat") == "thief"  # not ours to delete
+
+
 # ---------------------------------------------------------------------------- end to end (slow)
 
 
@@ -271,6 +447,38 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run_on_gcs(gcs, tmp
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(got["step"]) == steps
+
+
+@pytest.mark.slow
+@needs_server
+def test_second_train_on_a_locked_gcs_workdir_is_refused(gcs, tmp_path):
+    run = f"gs://{BUCKET}/lockrun"
+    cmd = [sys.executable, *_train(run, "--config.stages=('transformer',)", "--config.transformer.num_layers=1",
+                                   "--config.dataset.name=synthetic_tokens", "--config.num_train_steps=100000",
+                                   "--config.log_every_steps=1000")]
+    env = _env(gcs)
+    env.pop("MASKGEN_VERBOSE", None)
+    log = tmp_path / "first.stderr"  # a file, not a pipe: a full pipe would block the run
+    with open(log, "w") as stderr:
+        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 300
+        while "lockrun/maskgen.lock" not in gcs.objects(BUCKET, "lockrun/"):
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the first run took no lock within 300 s"
+            time.sleep(0.2)
+        assert json.loads(gcs.read(BUCKET, "lockrun/maskgen.lock"))["pid"] == first.pid
+
+        second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert "lock" in last and f"PID {first.pid}" in last and run in last, last
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None, "the first run must be unharmed"
+        assert json.loads(gcs.read(BUCKET, "lockrun/maskgen.lock"))["pid"] == first.pid
+    finally:
+        first.kill()
+        first.wait(timeout=60)
 
 
 # ------------------------------------------------------------------- item 4: clear errors, up front
