@@ -49,6 +49,11 @@ def from_json(text: str, where: str = "config JSON") -> ml_collections.ConfigDic
     except ValueError as err:  # JSONDecodeError
         raise ValueError(f"{where} is not valid JSON ({err}); restore it from a config.<time>.json "
                          "beside it, or pass the config file it was trained with") from None
+    return from_dict(data, where)
+
+
+def from_dict(data: object, where: str = "config JSON") -> ml_collections.ConfigDict:
+    """A locked ConfigDict from parsed `to_json` output (config.json, a checkpoint step's `config` item)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} holds a JSON {type(data).__name__}, not a maskgen config")
     missing = [k for k in REQUIRED_KEYS if k not in data]
