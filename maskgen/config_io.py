@@ -2,7 +2,9 @@
 
 A run's `WORKDIR/config.json` is the exact config it trained with (overrides
 applied), so `maskgen.bundle.load` rebuilds the same models without the
-original config file or command line.
+original config file or command line. Each checkpoint step also carries that
+JSON (`maskgen.checkpoint`); `load` prefers the step's copy, config.json is
+the fallback for steps written before steps carried one.
 """
 import importlib.util
 import json
