@@ -18,6 +18,9 @@ __version__ = "0.1.0"
 
 def load(path: Union[str, os.PathLike], config: "ml_collections.ConfigDict | None" = None,
          device: Any = None) -> "Bundle":
-    """A trained or converted model bundle (see `maskgen.bundle.load`)."""
+    """A trained or converted model bundle, built with the config saved in the transformer step it loads.
+
+    See `maskgen.bundle.load`: config.json is the fallback for older steps; `config=` wins over both.
+    """
     from maskgen.bundle import load as _load  # deferred: keeps `import maskgen` light
     return _load(path, config=config, device=device)

@@ -1,7 +1,7 @@
 """Orbax checkpoints of one training stage, with safe resume.
 
 A stage directory (e.g. `WORKDIR/transformer/`) is an orbax CheckpointManager
-directory; step `S` is saved atomically as `WORKDIR/<stage>/<S>/` with two items:
+directory; step `S` is saved atomically as `WORKDIR/<stage>/<S>/` with three items:
 
     state/   (orbax StandardSave pytree)
         step          int32 []          optimizer steps taken
@@ -13,6 +13,10 @@ directory; step `S` is saved atomically as `WORKDIR/<stage>/<S>/` with two items
         {"process_count": n, "per_process": [state_0, ..., state_n-1]} with
         state_i = {"kind": "grain", "state": <grain iterator state JSON>} or
                   {"kind": "sampler", "position": <global batches taken>, ...}
+    config/  (orbax JsonSave) the run's resolved config (config.json's content when the step was
+             written), committed with the arrays, so a step is loadable by the config it was written
+             with even after config.json changed. Steps written before it existed lack it
+             (`saved_config` returns None; readers fall back to config.json).
 
 Plain orbax reads it without maskgen:
 `ocp.CheckpointManager(dir).restore(step)["state"]["ema_params"]`.
@@ -24,6 +28,7 @@ from the model being trained is an error naming the first mismatched path.
 Steps are kept by recency (`keep` newest) plus the best by a metric.
 """
 import errno
+import json
 import logging
 import os
 import re
@@ -33,15 +38,17 @@ import time
 from typing import Any, Dict, Never, Optional, Tuple
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
-from maskgen import paths
+from maskgen import config_io, paths
 from maskgen.cli import UserError
 
 log = logging.getLogger(__name__)
 
+CONFIG_ITEM = "config"
 TIMEOUT_ENV = "MASKGEN_CHECKPOINT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -131,10 +138,14 @@ def check_compatible(saved_tree: Any, target_tree: Any, where: str = "checkpoint
 
 
 class StageCheckpoints:
-    """The CheckpointManager of one stage directory."""
+    """The CheckpointManager of one stage directory.
+
+    `config`: the run's resolved config, saved with every step as the `config` item (None saves none).
+    """
 
     def __init__(self, directory: str, keep: int = 3, best_metric: Optional[str] = "loss",
-                 async_save: bool = True, read_only: bool = False) -> None:
+                 async_save: bool = True, read_only: bool = False,
+                 config: Optional[ml_collections.ConfigDict] = None) -> None:
         self.directory = paths.normalize(directory)  # local or gs:// (orbax: tensorstore's gcs driver)
         self.best_metric = best_metric
         policies = [ocm.LatestN(n=max(int(keep), 1))]
@@ -147,7 +158,10 @@ class StageCheckpoints:
             create=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()))
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                           CONFIG_ITEM: ocp.JsonCheckpointHandler()})
+        # The same JSON as config.json (tuples as lists, non-JSON values as text).
+        self._config = None if config is None else json.loads(config_io.to_json(config))
         self._pending: Optional[int] = None  # step of the async save not yet confirmed on disk
         self.failed = False  # after a failure the manager is abandoned (its threads may never finish)
 
@@ -160,7 +174,7 @@ class StageCheckpoints:
 
     def save(self, step: int, state_tree: Dict[str, Any], data_state: Dict[str, Any],
              metrics: Optional[Dict[str, float]] = None, timeout: Optional[float] = None) -> bool:
-        """Starts an (async) save of `state_tree` and the input position at `step`.
+        """Starts an (async) save of `state_tree`, the input position and the run's config at `step`.
 
         Waits (at most `timeout` s) for the previous save first, so its failure is reported as its own.
         """
@@ -173,11 +187,12 @@ class StageCheckpoints:
             raise CheckpointIOError(f"checkpoint step {step} not saved to {self.directory}: an earlier save "
                                     "failed")
         self.wait(timeout)  # the previous save: its failure is reported as such, not as this step's
+        items = dict(state=ocp.args.StandardSave(state_tree), data=ocp.args.JsonSave(data_state))
+        if self._config is not None:  # in the same orbax commit as the arrays: atomic with the step
+            items[CONFIG_ITEM] = ocp.args.JsonSave(self._config)
         try:
-            started = self.manager.save(
-                int(step), metrics=metrics, force=True,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
-                                        data=ocp.args.JsonSave(data_state)))
+            started = self.manager.save(int(step), metrics=metrics, force=True,
+                                        args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 - any write failure stops training with its cause
             self._fail(step, err)
         self._pending = int(step) if started else None
@@ -251,6 +266,17 @@ class StageCheckpoints:
         if meta is None:
             raise ValueError(f"step {step} in {self.directory} has no readable state metadata")
         return getattr(meta, "tree", meta)
+
+    def saved_config(self, step: int) -> Optional[Dict[str, Any]]:
+        """The config saved with `step` (a JSON dict), or None for a step written before steps carried one.
+
+        Errors reading an existing `config` item propagate (the caller decides whether to fall back).
+        """
+        if not paths.is_dir(paths.join(self.directory, str(step), CONFIG_ITEM)):
+            return None
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            **{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        return restored[CONFIG_ITEM]
 
     def _quarantine(self, step: int) -> None:
         src = paths.join(self.directory, str(step))

@@ -2,7 +2,9 @@
 
 A run's `WORKDIR/config.json` is the exact config it trained with (overrides
 applied), so `maskgen.bundle.load` rebuilds the same models without the
-original config file or command line.
+original config file or command line. Each checkpoint step also carries that
+JSON (`maskgen.checkpoint`); `load` prefers the step's copy, config.json is
+the fallback for steps written before steps carried one.
 """
 import importlib.util
 import json
@@ -49,6 +51,11 @@ def from_json(text: str, where: str = "config JSON") -> ml_collections.ConfigDic
     except ValueError as err:  # JSONDecodeError
         raise ValueError(f"{where} is not valid JSON ({err}); restore it from a config.<time>.json "
                          "beside it, or pass the config file it was trained with") from None
+    return from_dict(data, where)
+
+
+def from_dict(data: object, where: str = "config JSON") -> ml_collections.ConfigDict:
+    """A locked ConfigDict from parsed `to_json` output (config.json, a checkpoint step's `config` item)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} holds a JSON {type(data).__name__}, not a maskgen config")
     missing = [k for k in REQUIRED_KEYS if k not in data]

@@ -86,7 +86,7 @@ def convert(official_path: str, kind: str, config: ml_collections.ConfigDict, ou
 
     _write_config(cfg, out_dir)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    ckpt = ckpt_lib.StageCheckpoints(stage_dir, keep=1, best_metric=None, async_save=False)
+    ckpt = ckpt_lib.StageCheckpoints(stage_dir, keep=1, best_metric=None, async_save=False, config=cfg)
     try:
         ckpt.save(CONVERTED_STEP,
                   {"step": jnp.int32(CONVERTED_STEP), "params": params, "ema_params": params},

@@ -1,5 +1,6 @@
 """Orbax stage checkpoints: mesh changes, corrupt steps, config mismatches, retention."""
 import glob
+import json
 import logging
 import os
 
@@ -14,10 +15,13 @@ from maskgen import config_io
 from maskgen import sharding as shd
 from maskgen.models.factory import transformer_from_block
 from maskgen.models.sizes import seq_len, token_layout
-from maskgen.training import optimizer, train_state
+from maskgen.training import optimizer, train_state, trainer
 from maskgen.training import transformer_step as tst
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: skip XLA optimisation passes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = config_io.load_config_file(os.path.join(REPO, "configs/debug.py"))
 
 
 def _mesh(data, fsdp, tensor=1):
@@ -93,8 +97,9 @@ def _target():
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), _tiny_tree(0))
 
 
-def _save_steps(directory, steps, losses=None):
-    ckpt = ckpt_lib.StageCheckpoints(directory, keep=2)
+def _save_steps(directory, steps, losses=None, config=DEBUG):
+    """Steps as training writes them (with the `config` item unless config=None)."""
+    ckpt = ckpt_lib.StageCheckpoints(directory, keep=2, config=config)
     for i, s in enumerate(steps):
         metrics = None if losses is None else {"loss": losses[i]}
         ckpt.save(s, _tiny_tree(s), {"kind": "sampler", "position": s}, metrics)
@@ -180,6 +185,38 @@ def test_plain_orbax_reads_the_checkpoint_without_maskgen(tmp_path):
     assert int(restored["state"]["step"]) == 3
     np.testing.assert_array_equal(np.asarray(restored["state"]["params"]["w"]), 3.0)
     assert restored["data"] == {"kind": "sampler", "position": 3}
+    assert restored["config"] == json.loads(config_io.to_json(DEBUG))
+    # And item by item through ocp.args, as maskgen restores them.
+    restored = ocp.CheckpointManager(directory).restore(3, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    assert int(restored["state"]["step"]) == 3 and restored["config"]["seed"] == DEBUG.seed
+
+
+def test_steps_from_before_the_config_item_still_restore(tmp_path):
+    directory = tmp_path / "stage"
+    _save_steps(directory, [2], config=None)
+    _save_steps(directory, [4])
+    ckpt = ckpt_lib.StageCheckpoints(directory)
+    assert ckpt.saved_config(2) is None and ckpt.saved_config(4)["seed"] == DEBUG.seed
+    tree, data_state, step = ckpt.restore(_target(), step=2)
+    assert step == 2 and data_state["position"] == 2
+    np.testing.assert_array_equal(np.asarray(tree["params"]["w"]), 2.0)
+    assert ckpt_lib.restore_subtree(directory, {"params": _target()["params"]}, step=2)[1] == 2
+
+
+def test_training_saves_the_run_config_with_every_step(tmp_path):
+    cfg = config_io.load_config_file(os.path.join(REPO, "configs/debug.py"))
+    cfg.stages = ("transformer",)
+    cfg.dataset.name = "synthetic_tokens"
+    cfg.transformer.num_layers = 1
+    cfg.num_train_steps = 2
+    cfg.log_every_steps = 1000
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(cfg, str(workdir))
+    ckpt = ckpt_lib.StageCheckpoints(workdir / "transformer", read_only=True)
+    assert ckpt.steps() == [2]
+    assert ckpt.saved_config(2) == json.loads(config_io.to_json(cfg))
+    assert config_io.to_json(config_io.from_dict(ckpt.saved_config(2))) == (workdir / "config.json").read_text()
 
 
 def test_restore_subtree_reads_only_the_requested_entry(tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import maskgen
+from maskgen import checkpoint as ckpt_lib
 from maskgen import convert, editing, official
 from maskgen.scheduler import DecodeConfig
 
@@ -56,6 +57,8 @@ def test_converted_workdir_has_the_training_layout(workdir):
     assert (cfg["image_size"], cfg["num_classes"], cfg["null_class"]) == (128, 10, False)
     for kind in ("tokenizer", "transformer"):
         assert os.listdir(workdir / kind) == ["0"]
+        step = ckpt_lib.StageCheckpoints(workdir / kind, read_only=True)
+        assert step.saved_config(0) == cfg  # the step carries the config, as training's do
 
 
 def test_loaded_bundle_holds_the_official_weights(loaded, official_small):

@@ -1,6 +1,7 @@
 """Decoder fine-tuning on frozen tokens: the decoder moves, the encoder, quantizer and every token id do not."""
 import ast
 import glob
+import json
 import os
 import pathlib
 
@@ -10,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import maskgen
+from maskgen import checkpoint as ckpt_lib
 from maskgen import config_io
 from maskgen.training import trainer
 
@@ -44,6 +46,13 @@ def test_decoder_stage_moves_only_the_decoder_and_keeps_every_token(tmp_path):
                zip(jax.tree.leaves(dec["decoder"]), jax.tree.leaves(tok["decoder"])))
     lecam = ocp.CheckpointManager(workdir / "decoder").restore(3)["state"]["lecam_ema"]
     assert np.isfinite(float(lecam["real"])) and float(lecam["real"]) != 0.0  # the discriminator trained
+
+    # Every step of every stage carries the run's config (what config.json holds).
+    for stage in ("tokenizer", "decoder", "transformer"):
+        for step in ckpt_lib.StageCheckpoints(workdir / stage, read_only=True).steps():
+            saved = ocp.CheckpointManager(workdir / stage).restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            assert saved == json.loads(config_io.to_json(cfg)), (stage, step)
 
     bundle = maskgen.load(str(workdir))
     assert bundle.steps == {"tokenizer": 4, "decoder": 3, "transformer": 4}

@@ -210,6 +210,17 @@ def test_rejected_resume_keeps_config_json_and_the_workdir_loadable(tmp_path):
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert (tmp_path / "samples" / "grid.png").is_file()
 
+    # Even a config.json replaced by hand with another shape still samples: each step carries its config.
+    other = json.loads(config_before)
+    other["transformer"]["hidden_size"] = 64
+    (workdir / "config.json").write_text(json.dumps(other))
+    sample = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--workdir={workdir}",
+                             f"--out={tmp_path / 'samples2'}", "--per_class=1", "--steps=2"],
+                            env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert "loading with the step's config" in sample.stderr
+    assert (tmp_path / "samples2" / "grid.png").is_file()
+
 
 def _wait_until(predicate, proc, timeout, what, log):
     deadline = time.time() + timeout

@@ -52,7 +52,8 @@ def restore_or_init(stage: str, cfg: ml_collections.ConfigDict, workdir: str, in
     purpose `<stage>_init`.
     """
     abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
-    checkpoints = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), keep=cfg.keep_checkpoints)
+    # Every step carries `cfg`: the workdir stays loadable by the config its steps were written with.
+    checkpoints = ckpt_lib.StageCheckpoints(os.path.join(workdir, stage), keep=cfg.keep_checkpoints, config=cfg)
     restored = checkpoints.restore(train_state.sharded_abstract(abstract, shardings).to_tree())
     if restored is None:
         key = rng.key(cfg.seed, f"{stage}_init", cfg.get("prng_impl", prng.DEFAULT))

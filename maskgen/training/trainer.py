@@ -1,6 +1,6 @@
 """`train_and_evaluate(cfg, workdir)`: run the configured stages, resuming where they stopped.
 
-    WORKDIR/config.json        the resolved config (what `maskgen.bundle` reads)
+    WORKDIR/config.json        the resolved config (each checkpoint step has a copy: what `maskgen.bundle` reads)
     WORKDIR/tokenizer/         orbax checkpoints of the VQGAN stage (+ tb/ events, samples/)
     WORKDIR/decoder/           optional decoder fine-tuning on frozen tokens (decoder_stage)
     WORKDIR/transformer/       orbax checkpoints of the transformer stage (+ tb/, samples/)
