@@ -276,7 +276,7 @@ def tokenizer_program(cfg, mesh, batch: int) -> Program:
     disc_tx, _ = optimizer.adamw(tcfg, steps, learning_rate=tcfg.disc_learning_rate)
     step_fn = tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, tcfg.ema_decay)
     shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
-    init = tts.make_init(vqgan, disc, tx, disc_tx, shape)
+    init = tts.make_init(vqgan, disc, tx, disc_tx, shape, tcfg)
     rules = shd.rules_from_config(cfg.get("sharding_rules"))
     abstract, shardings = train_state.abstract_and_shardings(init, mesh, rules)
     batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}

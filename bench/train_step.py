@@ -104,7 +104,7 @@ def bench_tokenizer(cfg, mesh, steps: int, batch: int):
     disc_tx, _ = optimizer.adamw(tcfg, 1000, learning_rate=tcfg.disc_learning_rate)
     step_fn = tts.make_train_step(vqgan, disc, tx, disc_tx, lr, tcfg, tcfg.ema_decay)
     shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
-    init = tts.make_init(vqgan, disc, tx, disc_tx, shape)
+    init = tts.make_init(vqgan, disc, tx, disc_tx, shape, tcfg)
     state, shardings, _ = train_state.init_sharded(init, jax.random.key(0), mesh)
     rng = np.random.default_rng(0)
     local = dict(image=rng.random((batch,) + shape, np.float32), label=np.zeros((batch,), np.int32))

@@ -76,6 +76,16 @@ def test_decoder_stage_moves_only_the_decoder_and_keeps_every_token(tmp_path):
     recon_bundle = bundle.tokenizer.apply({"params": params}, images)[0]
     assert float(np.abs(np.asarray(recon_tok) - np.asarray(recon_bundle)).max()) > 0
 
+    # The preflight reads the decoder stage's checkpoints too: a rerun whose discriminator or decoder
+    # has other shapes is refused before anything is written.
+    from maskgen.training import preflight
+    preflight.check_checkpoints(cfg, "decoder", trainer.stage_config(cfg, "decoder"), str(workdir))
+    other = config_io.load_config_file(os.path.join(REPO, "configs/debug.py"))
+    other.stages = cfg.stages
+    other.discriminator.filters = int(cfg.discriminator.filters) * 2
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="decoder"):
+        preflight.check_checkpoints(other, "decoder", trainer.stage_config(other, "decoder"), str(workdir))
+
 
 def test_decoder_losses_use_no_label_trained_network():
     """The decoder stage may import the discriminator, never an evaluation (label-trained) network."""

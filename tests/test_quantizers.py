@@ -282,3 +282,26 @@ def test_tokenizer_step_restarts_only_dead_codes_and_reports_usage():
     np.testing.assert_array_equal(np.asarray(restarted.extra["code_usage"])[dead], 1.0)
     for a, b in zip(jax.tree.leaves(restarted.params["decoder"]), jax.tree.leaves(plain.params["decoder"])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_run_with_dead_code_restarts_passes_the_preflight_and_resumes(tmp_path):
+    """The codes' usage EMA is part of the tokenizer state: the preflight's shape check and a rerun
+    (the default job restarts dead codes) must expect it, not call the checkpoint foreign."""
+    from maskgen import checkpoint as ckpt_lib
+    from maskgen.training import preflight, trainer
+    cfg = _debug_cfg()
+    cfg.stages = ("tokenizer",)
+    cfg.dataset.synthetic_examples = 32
+    cfg.tokenizer_train.update(dict(num_train_steps=2, vq_restart_threshold=0.5, gan_weight=0.0))
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(cfg, workdir)
+    scfg = trainer.stage_config(cfg, "tokenizer")
+    preflight.check_checkpoints(cfg, "tokenizer", scfg, workdir)  # no CheckpointMismatchError
+    cfg.tokenizer_train.num_train_steps = 3
+    trainer.train_and_evaluate(cfg, workdir)  # resumes from step 2
+    assert ckpt_lib.StageCheckpoints(os.path.join(workdir, "tokenizer"), read_only=True).steps()[-1] == 3
+    # Without restarts the same checkpoint is another model's state: named, not silently restored.
+    cfg.tokenizer_train.vq_restart_threshold = 0.0
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="code_usage"):
+        preflight.check_checkpoints(cfg, "tokenizer", trainer.stage_config(cfg, "tokenizer"), workdir)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from maskgen import checkpoint as ckpt_lib
 from maskgen.models.factory import discriminator_model, tokenizer_model, transformer_model
 from maskgen.models.sizes import seq_len
-from maskgen.training import optimizer, stage_setup
+from maskgen.training import decoder_step, optimizer, stage_setup
 from maskgen.training import tokenizer_step as tts
 from maskgen.training import transformer_step as tst
 
@@ -39,10 +39,12 @@ def stage_init(cfg: ml_collections.ConfigDict, stage: str, scfg: ml_collections.
     """The stage's `init(key) -> boxed TrainState`, as its `build` makes it (for shapes only)."""
     num_steps = int(scfg.num_train_steps)
     tx, _ = optimizer.adamw(scfg, num_steps)
-    if stage == "tokenizer":
+    if stage in ("tokenizer", "decoder"):
         disc_tx, _ = optimizer.adamw(scfg, num_steps, learning_rate=scfg.disc_learning_rate)
         image_shape = (cfg.image_size, cfg.image_size, cfg.image_channels)
-        return tts.make_init(tokenizer_model(cfg), discriminator_model(cfg), tx, disc_tx, image_shape)
+        if stage == "tokenizer":  # scfg: the codes' usage EMA is part of the state when codes restart
+            return tts.make_init(tokenizer_model(cfg), discriminator_model(cfg), tx, disc_tx, image_shape, scfg)
+        return decoder_step.make_init(tokenizer_model(cfg), discriminator_model(cfg), tx, disc_tx, image_shape)
     return tst.make_init(transformer_model(cfg), tx, seq_len(cfg))
 
 
@@ -52,8 +54,6 @@ def check_checkpoints(cfg: ml_collections.ConfigDict, stage: str, scfg: ml_colle
 
     Read-only: a step whose metadata cannot be read is skipped here (the restore moves it aside later).
     """
-    if stage not in ("tokenizer", "transformer"):
-        return  # other stages (decoder) check their checkpoints when they restore
     stage_dir = epath.Path(workdir) / stage
     if not stage_dir.is_dir():
         return
