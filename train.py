@@ -64,5 +64,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    from maskgen import cpu_host
+    cpu_host.restart_with_cpu_settings()  # XLA:CPU hosts only; before JAX starts
     from maskgen import cli
     cli.run_absl(main)

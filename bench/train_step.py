@@ -183,4 +183,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from maskgen import cpu_host
+    cpu_host.restart_with_cpu_settings()  # as train.py does on CPU-only hosts (rows record cpu_hugepages)
     main()

@@ -11,6 +11,8 @@ import os
 import platform
 import re
 
+from maskgen import cpu_host
+
 # Widest first: the first ISA whose flags are all present names the machine.
 _ISA_FLAGS = (
     ("AMX", ("amx_tile", "amx_bf16")),
@@ -71,7 +73,8 @@ def isa_cap() -> str | None:
 
 
 def cpu_info() -> dict:
-    """{cpu_model, cpu_uarch, cpu_isa (widest the hardware has), cpu_isa_cap (None or the cap set), cpu_count}."""
+    """{cpu_model, cpu_uarch, cpu_isa (widest the hardware has), cpu_isa_cap (None or the cap set), cpu_count,
+    cpu_hugepages, cpu_xla_convs (`maskgen.cpu_host`'s settings, on in this process or not)}."""
     text = _cpuinfo()
 
     def field(name: str) -> str | None:
@@ -89,4 +92,6 @@ def cpu_info() -> dict:
         "cpu_isa": widest_isa(set(flags.split())) if flags else "unknown",
         "cpu_isa_cap": isa_cap(),
         "cpu_count": os.cpu_count(),
+        "cpu_hugepages": cpu_host.active(),
+        "cpu_xla_convs": cpu_host.xla_convs_active(),
     }

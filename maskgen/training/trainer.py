@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from maskgen import config_io, paths, prng
+from maskgen import config_io, cpu_host, paths, prng
 from maskgen import sharding as shd
 from maskgen.models.factory import accelerator_summary
 from maskgen.training import decoder_stage, preflight, quality, tokenizer_stage, transformer_stage
@@ -83,9 +83,12 @@ def record_accelerator_settings(cfg: ml_collections.ConfigDict, mesh: Mesh, work
     """Logs the attention kernel (training / decoding), remat and PRNG of this run; writes accelerator.json."""
     prng.check_prng_impl(cfg.get("prng_impl", prng.DEFAULT))
     info = accelerator_summary(cfg, mesh.devices.flat[0].platform)
+    info["cpu_hugepages"] = cpu_host.active()  # maskgen.cpu_host: XLA:CPU buffers on huge pages,
+    info["cpu_xla_convs"] = cpu_host.xla_convs_active()  # convolutions off YNNPACK
     log.info("attention: transformer.attention=%s trains with %s (%s), decodes with %s (%s); remat=%s, "
-             "prng_impl=%s", info["attention"], info["attention_train"], info["attention_train_reason"],
-             info["attention_decode"], info["attention_decode_reason"], info["remat"], info["prng_impl"])
+             "prng_impl=%s; cpu_hugepages=%s, cpu_xla_convs=%s", info["attention"], info["attention_train"],
+             info["attention_train_reason"], info["attention_decode"], info["attention_decode_reason"],
+             info["remat"], info["prng_impl"], info["cpu_hugepages"], info["cpu_xla_convs"])
     if jax.process_index() == 0:
         paths.write_text(paths.join(workdir, ACCELERATOR_FILE), json.dumps(info, indent=1))
     return info
