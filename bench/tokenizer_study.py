@@ -24,8 +24,12 @@ sys.path.insert(0, REPO)
 
 RESULTS = os.path.join(REPO, "bench", "results", "tokenizer_study.json")
 _KMEANS = ["tokenizer_train.vq_init=kmeans", "tokenizer_train.vq_restart_threshold=0.05"]
+# Rows before 2026-12-05 ran on the config's old tokenizer (256 codes, random init, no restarts):
+# "vq" there is today's "vq256_random"; the other variants override what they name.
 VARIANTS = {
-    "vq": [],
+    "vq": [],  # the config's own tokenizer
+    "vq256_random": ["tokenizer.codebook_size=256", "tokenizer_train.vq_init=random",
+                     "tokenizer_train.vq_restart_threshold=0.0"],
     "vq_l1": ["tokenizer_train.l1_weight=1.0", "tokenizer_train.l2_weight=0.0"],
     "vq_kmeans": _KMEANS,
     "vq1024_kmeans": ["tokenizer.codebook_size=1024"] + _KMEANS,

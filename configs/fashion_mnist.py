@@ -2,8 +2,10 @@
 
     python train.py --config=configs/fashion_mnist.py --workdir=workdir/fashion_mnist
 
-28x28x1 images -> 7x7 tokens (two 2x downsamplings) from a 256-code VQ tokenizer, then a 4-layer
-class-conditional transformer with a null class (label dropout) for classifier-free guidance.
+28x28x1 images -> 7x7 tokens (two 2x downsamplings) from a 1024-code VQ tokenizer (k-means codebook
+init, dead-code restarts), its decoder then fine-tuned adversarially on the frozen tokens (stage
+"decoder"), then a 4-layer class-conditional transformer with a null class (label dropout) for
+classifier-free guidance. Choices from the tokenizer study (README, Results).
 """
 import os
 import sys
@@ -22,7 +24,8 @@ def get_config():
     c.dataset.update(dict(name="fashion_mnist", data_dir=None, train_split="train", eval_split="test",
                           random_crop=False, random_flip=False))
 
-    c.tokenizer.update(dict(codebook_size=256, embedding_dim=16, filters=16, num_res_blocks=1,
+    c.stages = ("tokenizer", "decoder", "transformer")
+    c.tokenizer.update(dict(codebook_size=1024, embedding_dim=16, filters=16, num_res_blocks=1,
                             channel_multipliers=[1, 2, 2], norm_groups=8, conv_impl="xla",
                             commitment_cost=0.25, entropy_loss_ratio=0.0))
     c.discriminator.update(dict(filters=16, channel_multipliers=[1, 2]))
@@ -31,7 +34,7 @@ def get_config():
     c.transformer.update(dict(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512,
                               dropout_rate=0.0, attention_dropout_rate=0.0))
     # Sampling settings from a sweep on the trained default job (README, Results).
-    c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=4.5, guidance_scale=6.0,
+    c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=4.5, guidance_scale=8.0,
                            guidance_schedule="linear"))
 
     c.batch_size = 128
@@ -45,7 +48,10 @@ def get_config():
 
     c.tokenizer_train.update(dict(num_train_steps=1400, batch_size=64, learning_rate=2e-3, b1=0.9, b2=0.99,
                                   warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
-                                  l1_weight=0.0, l2_weight=1.0, gan_weight=0.0))
+                                  l1_weight=0.0, l2_weight=1.0, gan_weight=0.0,
+                                  vq_init="kmeans", vq_restart_threshold=0.05))
+    # Decoder-stage defaults (configs/common.py: L1 + hinge GAN 0.1 + feature matching + LeCam).
+    c.decoder_train.update(dict(num_train_steps=400, batch_size=128))
     c.transformer_train.update(dict(num_train_steps=2600, batch_size=64, learning_rate=1e-3,
                                     b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=200,
                                     lr_schedule="cosine", ema_decay=0.999, label_smoothing=0.1,

@@ -23,6 +23,7 @@ SHRINK = [
     "--config.tokenizer.norm_groups=4", "--config.transformer.num_layers=1", "--config.transformer.hidden_size=32",
     "--config.transformer.num_heads=2", "--config.transformer.mlp_dim=64", "--config.sampling.steps=4",
     "--config.tokenizer_train.num_train_steps=4", "--config.tokenizer_train.batch_size=16",
+    "--config.decoder_train.num_train_steps=4", "--config.decoder_train.batch_size=16",
     "--config.transformer_train.num_train_steps=4", "--config.transformer_train.batch_size=16",
     "--config.checkpoint_every_steps=2", "--config.log_every_steps=2", "--config.sample_every_steps=0",
 ]
