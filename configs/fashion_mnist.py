@@ -31,8 +31,10 @@ def get_config():
     c.discriminator.update(dict(filters=16, channel_multipliers=[1, 2]))
     # No dropout: the run sees each training image about three times, too few to overfit, and
     # dropout's random draws cost ~15% of a CPU step.
+    # attention "xla": at 50 tokens XLA's batched attention trains ~12% faster than the per-head scan
+    # kernel that `auto` picks on CPU (measured side by side, README "Default job").
     c.transformer.update(dict(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512,
-                              dropout_rate=0.0, attention_dropout_rate=0.0))
+                              dropout_rate=0.0, attention_dropout_rate=0.0, attention="xla"))
     # Sampling settings from a sweep on the trained default job (README, Results).
     c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=4.5, guidance_scale=8.0,
                            guidance_schedule="linear"))
@@ -50,9 +52,10 @@ def get_config():
                                   warmup_steps=100, lr_schedule="cosine", ema_decay=0.99,
                                   l1_weight=0.0, l2_weight=1.0, gan_weight=0.0,
                                   vq_init="kmeans", vq_restart_threshold=0.05))
-    # Decoder-stage defaults (configs/common.py: L1 + hinge GAN 0.1 + feature matching + LeCam).
-    c.decoder_train.update(dict(num_train_steps=400, batch_size=128))
-    c.transformer_train.update(dict(num_train_steps=2600, batch_size=64, learning_rate=1e-3,
+    # Decoder-stage defaults (configs/common.py: L1 + hinge GAN 0.1 + feature matching + LeCam); batch 64
+    # scored the same reconstruction Fréchet as 128 at 400 steps for half the time.
+    c.decoder_train.update(dict(num_train_steps=400, batch_size=64))
+    c.transformer_train.update(dict(num_train_steps=2400, batch_size=64, learning_rate=1e-3,
                                     b1=0.9, b2=0.98, weight_decay=0.01, warmup_steps=200,
                                     lr_schedule="cosine", ema_decay=0.999, label_smoothing=0.1,
                                     mask_schedule="cosine", min_masking_rate=0.0, label_dropout=0.1,
