@@ -1,4 +1,6 @@
 """maskgen.hardware: the CPU fields every benchmark row carries."""
+import os
+
 from maskgen import hardware
 
 
@@ -22,8 +24,13 @@ def test_isa_cap_reads_xla_and_onednn_limits(monkeypatch):
 
 def test_cpu_info_names_this_machine():
     info = hardware.cpu_info()
-    assert set(info) == {"cpu_model", "cpu_uarch", "cpu_isa", "cpu_isa_cap", "cpu_count"}
+    assert set(info) == {"cpu_model", "cpu_uarch", "cpu_isa", "cpu_isa_cap", "cpu_count", "cpu_hugepages",
+                         "cpu_xla_convs"}
     assert info["cpu_model"] and info["cpu_count"] >= 1
+    # The host settings are read from this process's environment (maskgen.cpu_host).
+    assert info["cpu_hugepages"] == ("glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    assert info["cpu_xla_convs"] == ("--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot"
+                                     in os.environ.get("XLA_FLAGS", "").split())
 
 
 def test_microarchitecture_tells_apart_cpus_with_one_model_name():
