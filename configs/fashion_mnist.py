@@ -36,7 +36,7 @@ def get_config():
     c.transformer.update(dict(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512,
                               dropout_rate=0.0, attention_dropout_rate=0.0, attention="xla"))
     # Sampling settings from a sweep on the trained default job (README, Results).
-    c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=4.5, guidance_scale=8.0,
+    c.sampling.update(dict(steps=8, schedule="cosine", choice_temperature=4.5, guidance_scale=12.0,
                            guidance_schedule="linear"))
 
     c.batch_size = 128
