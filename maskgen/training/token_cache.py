@@ -7,7 +7,9 @@ split (stored order, no augmentation):
     labels          int32 [N]
     meta            JSON: dataset, image size, token grid, tokenizer directory and step
 A file whose meta differs from the current run (e.g. a retrained tokenizer)
-is rebuilt; otherwise it is reused as is.
+is rebuilt; otherwise it is reused as is. A tokenizer inside the workdir is
+recorded relative to it, so a workdir that is copied or moved (to another disk,
+to a bucket) keeps its cache.
 """
 import io
 import json
@@ -41,6 +43,12 @@ def _meta(cfg: ml_collections.ConfigDict, grid: tuple[int, int], tokenizer_dir: 
     if cfg.dataset.name == iterators.SYNTHETIC:  # generated from the seed
         meta.update(seed=int(cfg.seed), synthetic_examples=int(cfg.dataset.synthetic_examples))
     return meta
+
+
+def tokenizer_reference(tokenizer_dir: str, workdir: str) -> str:
+    """`tokenizer_dir` relative to `workdir` when inside it, else its canonical absolute form."""
+    tokenizer_dir, root = paths.normalize(tokenizer_dir), paths.normalize(workdir).rstrip("/") + "/"
+    return tokenizer_dir[len(root):] if tokenizer_dir.startswith(root) else tokenizer_dir
 
 
 def _local_image_batches(cfg: ml_collections.ConfigDict, batch: int) -> Iterator[Dict[str, np.ndarray]]:
@@ -112,7 +120,7 @@ def build_or_load(cfg: ml_collections.ConfigDict, workdir: str, encode_fn: Calla
     `encode_fn(global images) -> global token ids [B, h, w]` (jitted, batch-sharded).
     """
     path = cache_path(workdir)
-    meta = _meta(cfg, grid, paths.normalize(tokenizer_dir), tokenizer_step)
+    meta = _meta(cfg, grid, tokenizer_reference(tokenizer_dir, workdir), tokenizer_step)
     if paths.exists(path):
         with np.load(io.BytesIO(paths.read_bytes(path))) as f:
             if json.loads(str(f["meta"])) == meta:
