@@ -6,6 +6,7 @@ import subprocess
 import sys
 from contextlib import redirect_stderr
 
+import ml_collections
 import numpy as np
 import pytest
 from editing_bundle import REPO
@@ -14,7 +15,7 @@ from maskgen import cli, config_io, convert, editing, official
 from maskgen.eval import __main__ as eval_main
 from maskgen.eval import inception
 from maskgen.sampling import recap_config_from
-from maskgen.training import preflight
+from maskgen.training import preflight, trainer
 
 
 def _env(**extra):
@@ -153,6 +154,25 @@ def test_shadowed_top_level_override_is_reported():
     assert messages and all("does not apply" in m for m in messages)
     assert any("--config.transformer_train.num_train_steps" in m for m in messages)
     assert preflight.shadowed_overrides(cfg, ["tokenizer"], [], ("num_train_steps",)) == []
+
+
+def test_an_ema_that_would_end_mostly_at_its_start_is_reported():
+    stages = {"decoder": ml_collections.ConfigDict(dict(ema_decay=0.999, num_train_steps=400)),
+              "transformer": ml_collections.ConfigDict(dict(ema_decay=0.999, num_train_steps=100_000)),
+              "tokenizer": ml_collections.ConfigDict(dict(ema_decay=None, num_train_steps=10))}
+    messages = preflight.ema_lag_warnings(stages)
+    assert len(messages) == 1, messages
+    # 0.999 ** 400 = 0.670: two thirds of the decoder stage's EMA would still be the tokenizer's decoder.
+    assert "decoder_train.ema_decay=0.999 over 400 steps leaves 67% of the starting weights" in messages[0]
+    assert "e.g. 0.99)" in messages[0]
+    assert preflight.ema_lag_warnings({"transformer": ml_collections.ConfigDict(
+        dict(ema_decay=0.995, num_train_steps=2400))}) == []
+
+
+def test_the_default_job_ends_every_stage_with_a_settled_ema():
+    cfg = config_io.load_config_file(str(REPO / "configs" / "fashion_mnist.py"))
+    stages = {stage: trainer.stage_config(cfg, stage) for stage in cfg.stages}
+    assert preflight.ema_lag_warnings(stages) == []
 
 
 def test_mistyped_data_dir_is_refused_not_created(tmp_path):

@@ -7,9 +7,10 @@ the data directory, and each stage's existing checkpoints against the model this
 (parameter shapes from orbax's checkpoint *metadata*, no arrays restored). Only when all pass does
 `trainer` lock the workdir and write `config.json`.
 
-It also reports what will run: the effective per-stage steps, batch and checkpoint cadence, and which
+It also reports what will run: the effective per-stage steps, batch and checkpoint cadence, which
 top-level command-line overrides a stage block shadows (`--config.num_train_steps` does nothing for a
-stage whose block sets its own value).
+stage whose block sets its own value), and stages whose EMA would still be mostly their starting weights
+at the end (the EMA parameters are what sampling, evaluation and the next stage use).
 """
 import logging
 import os
@@ -115,6 +116,38 @@ def shadowed_overrides(cfg: ml_collections.ConfigDict, stages: Sequence[str],
     return messages
 
 
+# An EMA that keeps more than this share of its starting weights after the stage's steps is reported.
+EMA_START_SHARE_LIMIT = 0.05
+
+
+def ema_lag_warnings(stage_configs: Dict[str, Any]) -> List[str]:
+    """Messages for stages whose EMA ends with a large share of its starting weights.
+
+    The EMA starts at the stage's first parameters (random ones, or the tokenizer's decoder in the
+    decoder stage) and keeps ema_decay ** steps of them: 0.999 over 400 steps keeps 67%.
+    """
+    messages = []
+    for stage, scfg in stage_configs.items():
+        decay, steps = float(scfg.get("ema_decay", 0.0) or 0.0), int(scfg.num_train_steps)
+        share = decay ** steps
+        if share > EMA_START_SHARE_LIMIT:
+            messages.append(
+                f"{stage}_train.ema_decay={decay} over {steps} steps leaves {share:.0%} of the starting "
+                f"weights in the EMA parameters that sampling and evaluation use; lower ema_decay "
+                f"(e.g. {_suggested_decay(steps)}) or train longer")
+    return messages
+
+
+def _suggested_decay(steps: int) -> float:
+    """The largest of 0.9 / 0.99 / 0.995 / 0.999 / ... whose EMA averages over at most a quarter of the
+    steps (it then keeps about e^-4 = 2% of its start)."""
+    best = 0.9
+    for decay in (0.99, 0.995, 0.999, 0.9995, 0.9999):
+        if 1.0 / (1.0 - decay) <= steps / 4:
+            best = decay
+    return best
+
+
 def override_keys(argv: Sequence[str]) -> List[str]:
     """Config keys set on a command line (`--config.a.b=1` -> 'a.b')."""
     keys = []
@@ -149,4 +182,6 @@ def preflight(cfg: ml_collections.ConfigDict, workdir: str, mesh: Mesh, stage_co
                      int(scfg.num_train_steps), int(scfg.batch_size), int(scfg.checkpoint_every_steps),
                      int(cfg.keep_checkpoints))
         for message in shadowed_overrides(cfg, list(stage_configs), overrides, inherited):
+            log.warning("%s", message)
+        for message in ema_lag_warnings(stage_configs):
             log.warning("%s", message)
